@@ -1,0 +1,86 @@
+"""The description of one number format, shared by weights and activations.
+
+A :class:`FormatSpec` is a plain, hashable value: it round-trips through JSON (``to_dict``/``from_dict``) so
+a saved model says exactly how every tensor was quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from qdiffuse.errors import ConfigError
+
+FORMAT_KINDS = ("int", "fp8_e4m3", "fp8_e5m2", "nvfp4", "mxfp4")
+GRANULARITIES = ("tensor", "channel", "group")
+BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """How to quantize one tensor.
+
+    kind: ``int`` (uniform integer), ``fp8_e4m3``/``fp8_e5m2``, ``nvfp4`` (e2m1 values, 16-value blocks with e4m3
+    scales under one fp32 tensor scale) or ``mxfp4`` (e2m1 values, 32-value blocks with power-of-two scales).
+    bits: integer bit-width, 2..8 (ignored by the float kinds, which have fixed widths).
+    symmetric: integer grid centred on zero (no zero point) or an asymmetric grid with a zero point.
+    unsigned: integer grid [0, 2^bits - 1] with zero point 0, for non-negative tensors such as softmax outputs.
+    granularity: one range per ``tensor``, per output ``channel`` (axis 0) or per ``group`` of ``group_size``
+    consecutive values along the flattened input dimension. nvfp4/mxfp4 are always blockwise.
+    """
+
+    kind: str = "int"
+    bits: int = 8
+    symmetric: bool = True
+    unsigned: bool = False
+    granularity: str = "tensor"
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FORMAT_KINDS:
+            raise ConfigError(f"unknown number format {self.kind!r}; use one of {', '.join(FORMAT_KINDS)}")
+        if self.kind == "int" and not 2 <= self.bits <= 8:
+            raise ConfigError(f"integer bit-width {self.bits} is out of range; use 2 to 8 bits")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group" and self.kind == "int" and self.group_size < 1:
+            raise ConfigError("granularity 'group' needs a positive group_size, e.g. group_size=64")
+
+    @property
+    def value_bits(self) -> int:
+        """Bits stored per value, scales not counted."""
+        if self.kind == "int":
+            return self.bits
+        if self.kind.startswith("fp8"):
+            return 8
+        return 4
+
+    @property
+    def block_size(self) -> int:
+        """Values sharing one scale along the flattened input dimension (0: not blockwise)."""
+        if self.kind in BLOCK_SIZES:
+            return BLOCK_SIZES[self.kind]
+        return self.group_size if self.granularity == "group" else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FormatSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown format fields {sorted(unknown)}; this file may come from a newer qdiffuse")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """Short human label: ``int4-sym-channel``, ``fp8_e4m3-tensor``, ``nvfp4``."""
+        if self.kind in BLOCK_SIZES:
+            return self.kind
+        if self.kind == "int":
+            sign = "u" if self.unsigned else ("sym" if self.symmetric else "asym")
+            gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+            return f"int{self.bits}-{sign}-{gran}"
+        return f"{self.kind}-{self.granularity}"

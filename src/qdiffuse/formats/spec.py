@@ -20,11 +20,12 @@ BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}
 class FormatSpec:
     """How to quantize one tensor.
 
-    kind: ``int`` (uniform integer), ``fp8_e4m3``/``fp8_e5m2``, ``nvfp4`` (e2m1 values, 16-value blocks with e4m3
-    scales under one fp32 tensor scale) or ``mxfp4`` (e2m1 values, 32-value blocks with power-of-two scales).
+    kind: ``int`` (uniform integer), ``fp8_e4m3``/``fp8_e5m2``, ``nvfp4`` (e2m1 values, 16-value blocks with
+    e4m3 scales under one fp32 tensor scale) or ``mxfp4`` (e2m1 values, 32-value blocks with power-of-two
+    scales).
     bits: integer bit-width, 2..8 (ignored by the float kinds, which have fixed widths).
     symmetric: integer grid centred on zero (no zero point) or an asymmetric grid with a zero point.
-    unsigned: integer grid [0, 2^bits - 1] with zero point 0, for non-negative tensors such as softmax outputs.
+    unsigned: integer grid [0, 2^bits - 1] with zero point 0, for non-negative tensors (softmax outputs).
     granularity: one range per ``tensor``, per output ``channel`` (axis 0) or per ``group`` of ``group_size``
     consecutive values along the flattened input dimension. nvfp4/mxfp4 are always blockwise.
     """
@@ -72,7 +73,9 @@ class FormatSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown format fields {sorted(unknown)}; this file may come from a newer qdiffuse")
+            raise ConfigError(
+                f"unknown format fields {sorted(unknown)}; this file may come from a newer qdiffuse"
+            )
         return cls(**data)
 
     def describe(self) -> str:

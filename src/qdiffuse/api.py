@@ -1,0 +1,76 @@
+"""The public entry point: ``qdiffuse.quantize(model, scheduler_config, config, calib=...)``.
+
+Like torchao's ``quantize_``, it rewrites the model in place and returns it: the result is the same
+``nn.Module`` class, callable by diffusers pipelines, with the quantization state attached for saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from qdiffuse.calibration.collect import CalibrationSet, collect_calibration
+from qdiffuse.calibration.ptq import calibrate_ptq
+from qdiffuse.config import QuantConfig
+from qdiffuse.errors import ConfigError
+from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.nn.rewrite import LayerPlan, quantize_model
+
+STATE_ATTR = "qdiffuse_state"
+
+
+@dataclass
+class QuantState:
+    """What a quantized module remembers about how it was made (saved next to its weights)."""
+
+    config: QuantConfig
+    plan: list[LayerPlan]
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def quantize(
+    model: nn.Module | Denoiser,
+    scheduler_config: dict[str, Any],
+    config: QuantConfig,
+    calib: CalibrationSet | None = None,
+    guidance: float = 1.0,
+    labels: tuple[int, ...] | None = None,
+    cond: Tensor | None = None,
+    batch_size: int = 64,
+) -> nn.Module:
+    """Quantize ``model`` in place and return it.
+
+    Without ``calib``, calibration inputs are collected from the FP model's own sampler (time-step aware,
+    ``config.calib_steps`` × ``config.calib_per_step``), with the guidance and labels you will sample with.
+    """
+    denoiser = model if isinstance(model, Denoiser) else Denoiser.from_model(model)
+    if getattr(denoiser.model, STATE_ATTR, None) is not None:
+        raise ConfigError("this model is already quantized; load the FP model again to quantize it differently")
+    if calib is None:
+        calib = collect_calibration(
+            denoiser,
+            scheduler_config,
+            n_steps=config.calib_steps,
+            n_per_step=config.calib_per_step,
+            sampler=config.calib_sampler,
+            num_inference_steps=config.calib_num_inference_steps,
+            guidance=guidance,
+            labels=labels,
+            seed=config.seed,
+            batch_size=batch_size,
+            cond=cond,
+        )
+    plan = quantize_model(denoiser.model, config)
+    calibrate_ptq(denoiser, calib, batch_size)
+    info = {"inputs": len(calib), "guidance": guidance, "timesteps": sorted({int(t) for t in calib.t.tolist()})}
+    setattr(denoiser.model, STATE_ATTR, QuantState(config, plan, info))
+    return denoiser.model
+
+
+def quant_state(model: nn.Module) -> QuantState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+__all__ = ["quantize", "quant_state", "QuantState"]

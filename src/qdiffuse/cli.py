@@ -1,0 +1,275 @@
+"""The ``qdiffuse`` command line.
+
+Every user error is a :class:`~qdiffuse.errors.QDiffuseError` or a usage error: printed as one line on stderr
+with exit code 2, no traceback, and no output file left behind (outputs are written atomically).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from qdiffuse.errors import ConfigError, QDiffuseError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Noise-aware post-training quantization of diffusion models.",
+)
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def parse_labels(text: str | None) -> tuple[int, ...] | None:
+    """'0-9' or '1,3,5-7' -> (0, ..., 9) / (1, 3, 5, 6, 7)."""
+    if text is None or text == "":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            if sep:
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(lo))
+    except ValueError:
+        raise ConfigError(f"--labels {text!r} is not a list like '0-9' or '1,3,5'") from None
+    if not out:
+        raise ConfigError(f"--labels {text!r} names no class; use e.g. '0-9'")
+    return tuple(out)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r} is unknown; use cpu, cuda or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _setup(quiet: bool) -> None:
+    from qdiffuse.progress import set_progress_enabled
+
+    set_progress_enabled(not quiet)
+
+
+def load_any(model: str, device: str):  # noqa: ANN201 - returns LoadedModel
+    """A quantized folder, a diffusers folder or a built-in name."""
+    from qdiffuse.io import is_quantized_folder, load_quantized
+    from qdiffuse.models.loading import load_model_folder
+
+    if is_quantized_folder(model):
+        return load_quantized(model, device)
+    return load_model_folder(model, device)
+
+
+def load_condition(path: Path | None):  # noqa: ANN201 - Tensor | None
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"--condition {path} is not a readable safetensors file ({exc})") from None
+    if "encoder_hidden_states" not in tensors:
+        raise ConfigError(f"--condition {path} needs a tensor named 'encoder_hidden_states' ([seq, dim] or [N, seq, dim])")
+    return tensors["encoder_hidden_states"].float()
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Built-in model name or diffusers folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the quantized model.")],
+    scheme: Annotated[str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4.")] = "w8a8",
+    method: Annotated[str, typer.Option(help="minmax or mse.")] = "minmax",
+    calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
+    calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
+    calib_sampler: Annotated[str, typer.Option(help="Sampler that generates calibration data.")] = "ddim",
+    calib_inference_steps: Annotated[int, typer.Option(help="Steps of that sampler.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Guidance you will sample with (calibrates both halves).")] = 1.0,
+    labels: Annotated[str | None, typer.Option(help="Classes to calibrate on, e.g. 0-9.")] = None,
+    keep_fp: Annotated[list[str] | None, typer.Option(help="Layer-name pattern to keep in full precision.")] = None,
+    no_keep_8bit: Annotated[bool, typer.Option("--no-keep-8bit", help="Quantize first/last layers too.")] = False,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic (per-call) activation ranges.")] = False,
+    no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
+    no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
+    condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize a model with time-step-aware calibration and save it as a folder."""
+    _setup(quiet)
+    from qdiffuse.api import quantize as run_quantize
+    from qdiffuse.config import DEFAULT_KEEP_8BIT, QuantConfig
+    from qdiffuse.fsutil import check_output_path
+    from qdiffuse.io import save_quantized
+    from qdiffuse.models.loading import load_model_folder
+    from qdiffuse.sampling.schedulers import SAMPLERS
+
+    if calib_sampler not in SAMPLERS:
+        raise ConfigError(f"unknown --calib-sampler {calib_sampler!r}; use one of {', '.join(SAMPLERS)}")
+    config = QuantConfig.from_scheme(
+        scheme,
+        method=method,
+        keep_8bit=None if no_keep_8bit else DEFAULT_KEEP_8BIT,
+        keep_fp=tuple(keep_fp or ()),
+        quantize_attention=not no_attention,
+        split_shortcuts=not no_split,
+        dynamic_activations=dynamic,
+        calib_steps=calib_steps,
+        calib_per_step=calib_per_step,
+        calib_sampler=calib_sampler,
+        calib_num_inference_steps=calib_inference_steps,
+        seed=seed,
+    )
+    check_output_path(out, overwrite)
+    loaded = load_model_folder(model, resolve_device(device))
+    run_quantize(
+        loaded.denoiser,
+        loaded.scheduler_config,
+        config,
+        guidance=guidance,
+        labels=parse_labels(labels),
+        cond=load_condition(condition),
+        batch_size=batch_size,
+    )
+    save_quantized(loaded, out, overwrite)
+    typer.echo(f"wrote {out} ({config.scheme}, {config.method})")
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Argument(help="Built-in name, diffusers folder or quantized folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .npz (arr_0 uint8 NHWC, labels).")],
+    num: Annotated[int, typer.Option("--num", "-n", help="Number of images.")] = 64,
+    steps: int = 50,
+    sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++2m, unipc, pndm, euler.")] = "ddim",
+    eta: Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like).")] = 0.0,
+    seed: int = 0,
+    labels: Annotated[str | None, typer.Option(help="Classes to cycle through, e.g. 0-9.")] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 1.0,
+    grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid.")] = None,
+    condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
+    batch_size: int = 64,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Sample images; the same seed gives the same noise for FP and quantized models."""
+    _setup(quiet)
+    from qdiffuse.fsutil import check_output_path
+    from qdiffuse.imageio import save_grid, save_samples
+    from qdiffuse.sampling.loop import SampleRequest, to_uint8
+    from qdiffuse.sampling.schedulers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    request = SampleRequest(
+        num=num,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        seed=seed,
+        labels=parse_labels(labels),
+        guidance=guidance,
+        batch_size=batch_size,
+    )
+    check_output_path(out, overwrite)
+    if grid is not None:
+        check_output_path(grid, overwrite)
+    loaded = load_any(model, resolve_device(device))
+    from qdiffuse.sampling.loop import sample as run_sample
+
+    images, image_labels = run_sample(loaded.denoiser, loaded.scheduler_config, request, load_condition(condition))
+    arr = to_uint8(images).numpy()
+    save_samples(out, arr, image_labels, overwrite)
+    if grid is not None:
+        save_grid(grid, arr, overwrite)
+    typer.echo(f"wrote {out} ({arr.shape[0]} images)")
+
+
+@app.command()
+def info(folder: Annotated[Path, typer.Argument(help="A quantized model folder.")]) -> None:
+    """Print scheme, size and per-layer formats of a quantized folder."""
+    from qdiffuse.io import describe_folder, is_quantized_folder
+
+    if not is_quantized_folder(folder):
+        raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
+    desc = describe_folder(folder)
+    mib = 1024 * 1024
+    typer.echo(f"folder:     {desc['path']}")
+    typer.echo(f"source:     {desc['source']}")
+    typer.echo(f"scheme:     {desc['scheme']}   method: {desc['method']}")
+    ratio = desc["fp32_bytes"] / max(desc["bytes_on_disk"], 1)
+    typer.echo(
+        f"size:       {desc['bytes_on_disk'] / mib:.2f} MiB on disk "
+        f"(FP32 {desc['fp32_bytes'] / mib:.2f} MiB, {ratio:.2f}x smaller)"
+    )
+    calib = desc["calibration"]
+    if calib:
+        typer.echo(f"calibrated: {calib.get('inputs')} inputs over {len(calib.get('timesteps', []))} timesteps")
+    typer.echo(f"layers:     {len(desc['plan'])} quantized")
+    width = max((len(p["name"]) for p in desc["plan"]), default=10)
+    for p in desc["plan"]:
+        typer.echo(f"  {p['name']:<{width}}  {p['label']}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for grids and report.")] = Path(
+        "qdiffuse-demo"
+    ),
+    model: Annotated[str, typer.Option(help="Built-in model to run on.")] = "fmnist-tiny",
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 200,
+    steps: int = 50,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """The main job on a built-in model: quantize, sample FP and quantized, write grids and a report."""
+    _setup(quiet)
+    from qdiffuse.demo import run_demo
+
+    report = run_demo(out, model=model, num=num, steps=steps, overwrite=overwrite)
+    typer.echo(f"wrote {report}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one-line messages and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=sys.argv[1:], prog_name="qdiffuse", standalone_mode=False)
+    except QDiffuseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.format_message() if hasattr(exc, "format_message") else "", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Quantization configuration: schemes, methods and the layer policy, as plain dataclasses.
+
+A :class:`QuantConfig` says everything needed to reproduce a quantized model: the weight and activation formats,
+how ranges are found (the method), which layers are kept at higher precision, and the calibration counts. It
+round-trips through JSON so a saved model folder describes itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from qdiffuse.errors import ConfigError
+from qdiffuse.formats.spec import FormatSpec
+
+METHODS = ("minmax", "mse")
+"""Range-finding methods for round-to-nearest PTQ; reconstruction and noise correction build on these."""
+
+
+def _int_weights(bits: int) -> FormatSpec:
+    return FormatSpec(kind="int", bits=bits, symmetric=True, granularity="channel")
+
+
+def _int_acts(bits: int) -> FormatSpec:
+    return FormatSpec(kind="int", bits=bits, symmetric=False, granularity="tensor")
+
+
+SCHEMES: dict[str, tuple[FormatSpec, FormatSpec | None]] = {
+    "w8a8": (_int_weights(8), _int_acts(8)),
+    "w4a8": (_int_weights(4), _int_acts(8)),
+    "w4a4": (_int_weights(4), _int_acts(4)),
+    "w8a16": (_int_weights(8), None),
+    "w4a16": (_int_weights(4), None),
+    "fp8": (
+        FormatSpec(kind="fp8_e4m3", granularity="channel"),
+        FormatSpec(kind="fp8_e4m3", granularity="tensor"),
+    ),
+    "nvfp4": (FormatSpec(kind="nvfp4"), FormatSpec(kind="nvfp4")),
+    "mxfp4": (FormatSpec(kind="mxfp4"), FormatSpec(kind="mxfp4")),
+}
+"""Named schemes: (weight format, activation format or None for weight-only).
+
+Integer weights are symmetric per output channel (what integer kernels expect); integer activations are
+asymmetric per tensor, since post-SiLU/GELU activations are skewed. FP8 uses e4m3 with per-channel weight scales
+and a per-tensor activation scale. NVFP4 and MXFP4 are blockwise by definition.
+"""
+
+HIGH_PRECISION = "w8a8"
+"""Scheme for layers the policy keeps at higher precision when the main scheme is lower."""
+
+DEFAULT_KEEP_8BIT = (
+    "conv_in",
+    "conv_out",
+    "time_embedding.*",
+    "class_embedding",
+    "pos_embed.proj",
+    "proj_out*",
+    "*.norm1.emb.*",
+    "transformer_blocks.*.norm1.linear",
+)
+"""Layers Q-Diffusion and PTQD keep at 8 bits: first and last layers, the time/class embedding path and the DiT
+adaLN modulation, whose errors shift every later feature."""
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Override the scheme for layers whose qualified name matches ``pattern`` (fnmatch syntax).
+
+    ``scheme`` is a scheme name from :data:`SCHEMES` or ``"fp"`` to leave the layer unquantized.
+    """
+
+    pattern: str
+    scheme: str
+
+    def __post_init__(self) -> None:
+        if self.scheme != "fp" and self.scheme not in SCHEMES:
+            raise ConfigError(
+                f"layer rule {self.pattern!r} names unknown scheme {self.scheme!r}; use 'fp' or one of "
+                f"{', '.join(SCHEMES)}"
+            )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that defines a quantized model.
+
+    weight/activation: the main formats (activation None means weight-only).
+    method: how ranges are found (``minmax`` or ``mse``).
+    rules: per-layer overrides, first match wins; by default first/last layers and embeddings at 8 bits.
+    quantize_attention: also quantize the attention matmuls (Q, K, V at the activation format, the softmax
+    output with its own unsigned quantizer of ``softmax_bits``).
+    split_shortcuts: separate quantizers for the two halves of concatenated UNet skip inputs.
+    calib_steps / calib_per_step: time-step-aware calibration counts (steps evenly spaced over the sampler).
+    """
+
+    scheme: str
+    weight: FormatSpec
+    activation: FormatSpec | None
+    method: str = "minmax"
+    rules: tuple[LayerRule, ...] = ()
+    quantize_attention: bool = True
+    softmax_bits: int = 8
+    split_shortcuts: bool = True
+    dynamic_activations: bool = False
+    calib_steps: int = 20
+    calib_per_step: int = 32
+    calib_sampler: str = "ddim"
+    calib_num_inference_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if not 8 <= self.softmax_bits <= 16:
+            raise ConfigError(f"softmax_bits={self.softmax_bits} is out of range; use 8 to 16")
+        if self.calib_steps < 1 or self.calib_per_step < 1:
+            raise ConfigError("calibration counts must be positive; use e.g. --calib-steps 20 --calib-per-step 32")
+
+    @classmethod
+    def from_scheme(
+        cls,
+        scheme: str,
+        method: str = "minmax",
+        keep_8bit: tuple[str, ...] | None = DEFAULT_KEEP_8BIT,
+        keep_fp: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> QuantConfig:
+        """Build a config from a scheme name, with the default 8-bit layer policy unless told otherwise."""
+        if scheme not in SCHEMES:
+            raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+        weight, activation = SCHEMES[scheme]
+        rules = [LayerRule(p, "fp") for p in keep_fp]
+        if keep_8bit and _is_below_8bit(weight, activation):
+            rules += [LayerRule(p, HIGH_PRECISION) for p in keep_8bit]
+        return cls(scheme=scheme, weight=weight, activation=activation, method=method, rules=tuple(rules), **kwargs)
+
+    def formats_for(self, layer_name: str) -> tuple[FormatSpec, FormatSpec | None] | None:
+        """The (weight, activation) formats of one layer, or None to keep it in full precision."""
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(layer_name, rule.pattern):
+                if rule.scheme == "fp":
+                    return None
+                weight, activation = SCHEMES[rule.scheme]
+                if self.activation is None:
+                    activation = None
+                return weight, activation
+        return self.weight, self.activation
+
+    def softmax_spec(self) -> FormatSpec:
+        return FormatSpec(kind="int", bits=min(self.softmax_bits, 8), unsigned=True, symmetric=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weight"] = self.weight.to_dict()
+        data["activation"] = self.activation.to_dict() if self.activation else None
+        data["rules"] = [asdict(r) for r in self.rules]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        try:
+            data = dict(data)
+            data["weight"] = FormatSpec.from_dict(data["weight"])
+            data["activation"] = FormatSpec.from_dict(data["activation"]) if data.get("activation") else None
+            data["rules"] = tuple(LayerRule(**r) for r in data.get("rules", []))
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"malformed quantization config ({exc}); re-run qdiffuse quantize") from None
+
+    def with_overrides(self, **kwargs: Any) -> QuantConfig:
+        return replace(self, **kwargs)
+
+
+def _is_below_8bit(weight: FormatSpec, activation: FormatSpec | None) -> bool:
+    bits = [weight.value_bits] + ([activation.value_bits] if activation else [])
+    return min(bits) < 8
+
+
+__all__ = ["SCHEMES", "METHODS", "QuantConfig", "LayerRule", "DEFAULT_KEEP_8BIT"]

@@ -1,0 +1,233 @@
+"""Save and load quantized models as folders: safetensors + JSON, never pickle.
+
+Layout of a quantized folder::
+
+    quantization.json          scheme, method, full QuantConfig, per-layer plan, code shapes, provenance
+    quantized.safetensors      packed integer weight codes, quantizer parameters, every other tensor
+    unet/config.json           the original diffusers model config (or transformer/config.json)
+    scheduler/scheduler_config.json
+    qdiffuse.json              conditioning facts of the source model, if it had them
+
+Integer weights are stored as their codes, bit-packed (4-bit: two per byte), so a W4 folder is about a quarter
+of the FP32 model. Loading rebuilds the model from its config, applies the same rewrite, and decodes the codes
+into exactly the weights the quantized model computed with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdiffuse import __version__
+from qdiffuse.api import STATE_ATTR, QuantState, quant_state
+from qdiffuse.config import QuantConfig
+from qdiffuse.errors import ModelLoadError
+from qdiffuse.formats import pack_bits, unpack_bits
+from qdiffuse.fsutil import atomic_dir, folder_size
+from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.models.loading import META_FILE, LoadedModel, build_model, read_json
+from qdiffuse.nn.layers import QuantLayer
+from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model
+
+QUANT_JSON = "quantization.json"
+QUANT_WEIGHTS = "quantized.safetensors"
+FORMAT_VERSION = 1
+CODES = ".weight_codes."
+
+
+def is_quantized_folder(path: str | Path) -> bool:
+    return (Path(path) / QUANT_JSON).is_file()
+
+
+def _code_bits(layer: QuantLayer) -> int:
+    return layer.weight_spec.value_bits
+
+
+def save_quantized(loaded: LoadedModel, out: Path, overwrite: bool = False) -> Path:
+    """Write the quantized model of ``loaded`` to folder ``out`` (atomically)."""
+    model = loaded.denoiser.model
+    state = quant_state(model)
+    if state is None:
+        raise ModelLoadError("this model is not quantized; run qdiffuse.quantize first")
+    tensors: dict[str, torch.Tensor] = {}
+    layers_meta: dict[str, Any] = {}
+    skip: set[str] = set()
+    for name, layer in quant_layers(model):
+        skip.add(f"{name}.weight")
+        parts = layer.weight_parts(layer.weight)
+        entry = {"splits": list(layer.splits), "shapes": [], "code_shapes": [], "bits": _code_bits(layer)}
+        for k, (quantizer, part) in enumerate(zip(layer.weight_quantizers, parts, strict=True)):
+            codes = quantizer.encode(part)
+            entry["shapes"].append(list(part.shape))
+            entry["code_shapes"].append(list(codes.shape))
+            tensors[f"{name}{CODES}{k}"] = pack_bits(codes, entry["bits"]) if entry["bits"] < 8 else codes.flatten()
+        entry["weight_hardened"] = layer.weight_hardened
+        layers_meta[name] = entry
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        tensors[key] = value.detach().cpu()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "qdiffuse_version": __version__,
+        "model_subfolder": loaded.subfolder,
+        "source": loaded.source,
+        "config": state.config.to_dict(),
+        "plan": [vars(p) for p in state.plan],
+        "layers": layers_meta,
+        "calibration": state.calibration,
+    }
+    from safetensors.torch import save_file
+
+    with atomic_dir(out, overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / QUANT_WEIGHTS))
+        (tmp / QUANT_JSON).write_text(json.dumps(manifest, indent=2))
+        (tmp / loaded.subfolder).mkdir()
+        (tmp / loaded.subfolder / "config.json").write_text(model.to_json_string())
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(loaded.scheduler_config, indent=2))
+        if loaded.meta:
+            (tmp / META_FILE).write_text(json.dumps(loaded.meta, indent=2))
+    return Path(out)
+
+
+def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild a quantized model from its folder; its outputs equal those of the model that was saved."""
+    folder = Path(folder)
+    manifest = read_json(folder / QUANT_JSON, "quantization manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{folder} has quantized-format version {manifest.get('format_version')}; this qdiffuse reads "
+            f"version {FORMAT_VERSION}: re-run qdiffuse quantize"
+        )
+    try:
+        sub = manifest["model_subfolder"]
+        config = QuantConfig.from_dict(manifest["config"])
+        layers_meta = manifest["layers"]
+        plan = [LayerPlan(**p) for p in manifest["plan"]]
+    except (KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{folder / QUANT_JSON} is malformed ({exc}); re-run qdiffuse quantize") from None
+    model_config = read_json(folder / sub / "config.json", "model config")
+    model = build_model(model_config, str(folder / sub))
+    quantize_model(model, config)
+    tensors = _read_tensors(folder / QUANT_WEIGHTS)
+    _load_tensors(model, tensors, layers_meta, folder)
+    model.to(device).eval()
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
+    meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
+    setattr(model, STATE_ATTR, QuantState(config, plan, manifest.get("calibration", {})))
+    return LoadedModel(Denoiser.from_model(model, meta), scheduler_config, str(folder), sub, meta)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing; the quantized folder is incomplete") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-run qdiffuse quantize") from None
+
+
+def _load_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], layers_meta: dict[str, Any], folder: Path
+) -> None:
+    layers = dict(quant_layers(model))
+    if set(layers) != set(layers_meta):
+        raise ModelLoadError(f"{folder}: quantized layers do not match the manifest; the folder is inconsistent")
+    used: set[str] = set()
+    try:
+        for name, layer in layers.items():
+            entry = layers_meta[name]
+            for k, quantizer in enumerate(layer.weight_quantizers):
+                for buf in ("scale", "zero_point", "block_scale"):
+                    key = f"{name}.weight_quantizers.{k}.{buf}"
+                    if key in tensors:
+                        setattr(quantizer, buf, tensors[key].float())
+                        used.add(key)
+            parts = []
+            for k, quantizer in enumerate(layer.weight_quantizers):
+                key = f"{name}{CODES}{k}"
+                code_shape = entry["code_shapes"][k]
+                numel = math.prod(code_shape)
+                raw = tensors[key]
+                codes = unpack_bits(raw, entry["bits"], numel) if entry["bits"] < 8 else raw
+                parts.append(quantizer.decode(codes.reshape(code_shape), torch.Size(entry["shapes"][k])))
+                used.add(key)
+            with torch.no_grad():
+                layer.weight.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            layer.weight_hardened = bool(entry.get("weight_hardened", True))
+    except KeyError as exc:
+        raise ModelLoadError(f"{folder / QUANT_WEIGHTS} lacks tensor {exc}; the folder is incomplete") from None
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{folder / QUANT_WEIGHTS} holds tensors of the wrong shape ({exc})") from None
+    rest = {k: v for k, v in tensors.items() if k not in used}
+    _assign_state(model, rest, folder, loaded=used)
+
+
+def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, loaded: set[str]) -> None:
+    """Load parameters and buffers, including quantizer buffers that are None until calibration sets them."""
+    weight_keys = {f"{n}.weight" for n, _ in quant_layers(model)}
+    missing = sorted(set(model.state_dict()) - weight_keys - loaded - set(tensors))
+    if missing:
+        raise ModelLoadError(f"{folder / QUANT_WEIGHTS} lacks {missing[:3]}; the folder is incomplete")
+    for key, value in tensors.items():
+        module_name, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            raise ModelLoadError(f"{folder / QUANT_WEIGHTS} has unknown tensor {key}") from None
+        current = getattr(module, attr, None)
+        if isinstance(current, nn.Parameter):
+            if current.shape != value.shape:
+                raise ModelLoadError(f"{key}: stored shape {tuple(value.shape)} != model {tuple(current.shape)}")
+            with torch.no_grad():
+                current.copy_(value)
+        elif attr in module._buffers:
+            module._buffers[attr] = value.float() if value.is_floating_point() else value
+        else:
+            raise ModelLoadError(f"{folder / QUANT_WEIGHTS} has unknown tensor {key}")
+    uncalibrated = [n for n, m in model.named_modules() if hasattr(m, "calibrated") and not m.calibrated]
+    if uncalibrated:
+        raise ModelLoadError(f"{folder / QUANT_WEIGHTS} lacks quantizer parameters of {uncalibrated[:3]}")
+
+
+def describe_folder(folder: str | Path) -> dict[str, Any]:
+    """What ``qdiffuse info`` prints: scheme, sizes and per-layer formats, read from the manifest alone."""
+    folder = Path(folder)
+    manifest = read_json(folder / QUANT_JSON, "quantization manifest")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / QUANT_WEIGHTS), "pt") as f:
+            keys = list(f.keys())
+            fp32_bytes = 0
+            for key in keys:
+                if CODES in key:
+                    continue
+                sl = f.get_slice(key)
+                fp32_bytes += math.prod(sl.get_shape()) * 4
+    except Exception as exc:
+        raise ModelLoadError(f"{folder / QUANT_WEIGHTS} is not readable ({exc})") from None
+    for entry in manifest["layers"].values():
+        fp32_bytes += sum(math.prod(s) for s in entry["shapes"]) * 4
+    return {
+        "path": str(folder),
+        "scheme": manifest["config"]["scheme"],
+        "method": manifest["config"]["method"],
+        "source": manifest.get("source"),
+        "bytes_on_disk": folder_size(folder),
+        "fp32_bytes": fp32_bytes,
+        "plan": manifest["plan"],
+        "calibration": manifest.get("calibration", {}),
+    }
+
+
+__all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "describe_folder"]

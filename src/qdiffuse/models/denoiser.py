@@ -1,0 +1,138 @@
+"""One calling convention for every supported network: ``eps = denoiser(x_t, t, labels, cond, guidance)``.
+
+diffusers models differ in argument names (``sample``/``hidden_states``, ``class_labels``,
+``encoder_hidden_states``) and outputs (DiT may predict a learned variance in extra channels). Samplers,
+calibration and the noise analysis talk to this wrapper only, so each works for all model types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qdiffuse.errors import ConfigError
+
+MODEL_KINDS = {
+    "UNet2DModel": "unet",
+    "UNet2DConditionModel": "unet_cond",
+    "DiTTransformer2DModel": "dit",
+}
+
+
+@dataclass
+class Denoiser:
+    """A diffusion network with its conditioning conventions.
+
+    num_classes: real classes a class-conditional model knows (None: unconditional).
+    null_class: the label index meaning "no class", used for classifier-free guidance (None: no guidance).
+    cross_attention_dim / cond_length: shape of the text condition of a ``UNet2DConditionModel``.
+    """
+
+    model: nn.Module
+    kind: str
+    in_channels: int
+    sample_size: int
+    num_classes: int | None = None
+    null_class: int | None = None
+    cross_attention_dim: int | None = None
+    cond_length: int = 8
+
+    @classmethod
+    def from_model(cls, model: nn.Module, meta: dict | None = None) -> Denoiser:
+        """Read the conventions off a diffusers model's config, with ``meta`` (qdiffuse.json) overriding."""
+        meta = meta or {}
+        name = type(model).__name__
+        if name not in MODEL_KINDS:
+            raise ConfigError(f"unsupported model class {name}; use one of {', '.join(MODEL_KINDS)}")
+        kind = MODEL_KINDS[name]
+        config = model.config
+        sample_size = config.sample_size
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        num_classes = null_class = None
+        if kind == "dit":
+            num_classes = config.num_embeds_ada_norm
+            null_class = num_classes
+        elif getattr(config, "num_class_embeds", None):
+            num_classes = config.num_class_embeds
+        num_classes = meta.get("num_classes", num_classes)
+        null_class = meta.get("null_class", null_class)
+        return cls(
+            model=model,
+            kind=kind,
+            in_channels=config.in_channels,
+            sample_size=int(sample_size),
+            num_classes=num_classes,
+            null_class=null_class,
+            cross_attention_dim=getattr(config, "cross_attention_dim", None) if kind == "unet_cond" else None,
+            cond_length=int(meta.get("cond_length", 8)),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.sample_size, self.sample_size)
+
+    def null_condition(self, batch: int) -> Tensor | None:
+        if self.kind != "unet_cond":
+            return None
+        return torch.zeros(batch, self.cond_length, self.cross_attention_dim, device=self.device)
+
+    def forward_raw(
+        self, x: Tensor, t: Tensor, labels: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
+        """One network call on exactly these inputs (what calibration records and replays)."""
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if self.kind == "unet":
+            return self.model(x, t, class_labels=labels).sample
+        if self.kind == "unet_cond":
+            if cond is None:
+                cond = self.null_condition(x.shape[0])
+            return self.model(x, t, encoder_hidden_states=cond).sample
+        if labels is None:
+            labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        out = self.model(x, timestep=t, class_labels=labels).sample
+        return out[:, : self.in_channels]
+
+    def guided_inputs(
+        self, x: Tensor, labels: Tensor | None, cond: Tensor | None, guidance: float
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The network inputs for one guided evaluation: [conditional; unconditional] when guiding."""
+        if guidance == 1.0:
+            return x, labels, cond
+        if self.kind == "unet_cond":
+            uncond = self.null_condition(x.shape[0])
+            return torch.cat([x, x]), None, torch.cat([cond, uncond])
+        if labels is None or self.null_class is None:
+            raise ConfigError(
+                "classifier-free guidance needs a class-conditional model with a null class; use --guidance 1"
+            )
+        null = torch.full_like(labels, self.null_class)
+        return torch.cat([x, x]), torch.cat([labels, null]), None
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        cond: Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> Tensor:
+        """ε prediction with classifier-free guidance ``eps_u + g (eps_c - eps_u)`` when ``guidance != 1``."""
+        xin, lin, cin = self.guided_inputs(x, labels, cond, guidance)
+        if guidance != 1.0 and t.ndim == 1:
+            t = torch.cat([t, t])
+        eps = self.forward_raw(xin, t, lin, cin)
+        if guidance == 1.0:
+            return eps
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+
+__all__ = ["Denoiser", "MODEL_KINDS"]

@@ -1,0 +1,141 @@
+"""Load a diffusion model from a built-in name or a diffusers folder on disk.
+
+A folder has the layout of ``DDPMPipeline.save_pretrained``: ``unet/`` or ``transformer/`` (config.json and
+safetensors weights) plus ``scheduler/scheduler_config.json``. Weights are only read from safetensors, never
+unpickled. An optional ``qdiffuse.json`` at the root states conditioning facts the diffusers config cannot, such as
+which class index is the null class for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdiffuse.errors import ModelLoadError
+from qdiffuse.models.denoiser import MODEL_KINDS, Denoiser
+
+MODEL_SUBFOLDERS = ("unet", "transformer")
+META_FILE = "qdiffuse.json"
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser with the scheduler config it was trained with and where it came from."""
+
+    denoiser: Denoiser
+    scheduler_config: dict[str, Any]
+    source: str
+    subfolder: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A built-in model name or a folder path -> the folder."""
+    path = Path(model)
+    if path.exists():
+        return path
+    from qdiffuse.models import builtin
+
+    if str(model) in builtin.BUILTIN_MODELS:
+        return builtin.builtin_path(str(model))
+    names = ", ".join(builtin.BUILTIN_MODELS)
+    raise ModelLoadError(f"model {str(model)!r} is neither a folder nor a built-in model ({names})")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{what} is missing: {path}; the folder must hold it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def find_model_subfolder(folder: Path) -> str:
+    for sub in MODEL_SUBFOLDERS:
+        if (folder / sub / "config.json").is_file():
+            return sub
+    raise ModelLoadError(
+        f"{folder} is not a diffusers model folder: it needs unet/config.json or transformer/config.json "
+        "(the layout DDPMPipeline.save_pretrained writes)"
+    )
+
+
+def build_model(config: dict[str, Any], where: str) -> nn.Module:
+    """Instantiate a diffusers model class from its config dict, without weights."""
+    import diffusers
+
+    class_name = config.get("_class_name")
+    if class_name not in MODEL_KINDS:
+        raise ModelLoadError(
+            f"{where}: model class {class_name!r} is not supported; use one of {', '.join(MODEL_KINDS)}"
+        )
+    cls = getattr(diffusers, class_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_config(config)
+    except Exception as exc:  # diffusers raises many types for bad configs
+        raise ModelLoadError(f"{where}: cannot build {class_name} from its config ({exc})") from None
+
+
+def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load the FP model (float32) from a built-in name or a diffusers folder."""
+    folder = resolve_model_path(model)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a folder; pass a diffusers model folder or a built-in name")
+    sub = find_model_subfolder(folder)
+    config = read_json(folder / sub / "config.json", "model config")
+    module = build_model(config, str(folder / sub))
+    weights = sorted((folder / sub).glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(
+            f"{folder / sub} holds no .safetensors weights; qdiffuse never unpickles .bin files — "
+            "re-save the model with save_pretrained(safe_serialization=True)"
+        )
+    load_safetensors_into(module, weights, str(folder / sub))
+    module.to(device=device, dtype=torch.float32).eval()
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
+    meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
+    denoiser = Denoiser.from_model(module, meta)
+    return LoadedModel(denoiser, scheduler_config, str(model), sub, meta)
+
+
+def load_safetensors_into(module: nn.Module, files: list[Path], where: str) -> None:
+    """Load weights strictly: every parameter present, no unknown keys, readable files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-save or re-download it") from None
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelLoadError(f"{where}: weights do not match the config ({detail}); the folder is inconsistent")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{where}: weight {key} has shape {tuple(tensor.shape)}, config expects "
+                f"{tuple(expected[key].shape)}"
+            )
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+__all__ = ["LoadedModel", "load_model_folder", "resolve_model_path", "build_model", "read_json"]

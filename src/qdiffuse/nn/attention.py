@@ -1,0 +1,113 @@
+"""A diffusers attention processor that quantizes the two attention matmuls.
+
+The projections (to_q, to_k, to_v, to_out) are ordinary Linear layers and are rewritten like any other; what
+remains are the activation-activation products QKᵀ and softmax(·)V. Q, K and V are quantized at the activation
+format; the softmax output is non-negative and concentrated near 0, so it gets its own unsigned quantizer with
+zero point 0 at 8 bits or more (Q-Diffusion). The processor mirrors diffusers' ``AttnProcessor2_0`` step for
+step, so with quantization disabled it computes the same attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from qdiffuse.formats.spec import FormatSpec
+from qdiffuse.nn.quantizer import ActivationQuantizer
+
+
+class QuantAttnProcessor(nn.Module):
+    """Explicit attention with quantized Q, K, V and softmax output."""
+
+    def __init__(
+        self, act_spec: FormatSpec, softmax_spec: FormatSpec, observer: str = "minmax", dynamic: bool = False
+    ) -> None:
+        super().__init__()
+        self.act_spec = act_spec
+        self.softmax_spec = softmax_spec
+        self.q_quantizer = ActivationQuantizer(act_spec, observer, dynamic)
+        self.k_quantizer = ActivationQuantizer(act_spec, observer, dynamic)
+        self.v_quantizer = ActivationQuantizer(act_spec, observer, dynamic, block_dim=-2)
+        self.softmax_quantizer = ActivationQuantizer(softmax_spec, observer, dynamic)
+        self.quant_enabled = True
+
+    def _q(self, quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
+        return quantizer(x) if self.quant_enabled else x
+
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        scores = self._q(self.q_quantizer, query) @ self._q(self.k_quantizer, key).transpose(-1, -2)
+        scores = scores * (1.0 / math.sqrt(head_dim))
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(dim=-1)
+        hidden_states = self._q(self.softmax_quantizer, probs) @ self._q(self.v_quantizer, value)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def quantizers(self) -> dict[str, ActivationQuantizer]:
+        return {
+            "q": self.q_quantizer,
+            "k": self.k_quantizer,
+            "v": self.v_quantizer,
+            "softmax": self.softmax_quantizer,
+        }
+
+
+def is_diffusers_attention(module: nn.Module) -> bool:
+    """True for diffusers' ``Attention`` (the class every UNet and DiT attention block uses)."""
+    cls = type(module)
+    return cls.__name__ == "Attention" and hasattr(module, "set_processor") and hasattr(module, "to_q")
+
+
+__all__ = ["QuantAttnProcessor", "is_diffusers_attention"]

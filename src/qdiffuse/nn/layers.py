@@ -1,0 +1,148 @@
+"""Quantized drop-ins for nn.Linear and nn.Conv2d.
+
+Both keep the original parameters and call the same functional op, so a rewritten model computes exactly what
+the original did when quantization is disabled. The input channels can be split into ranges with their own
+quantizers (Q-Diffusion's shortcut splitting): a UNet up-block concatenates deep features and skip features whose
+ranges differ by an order of magnitude, and one shared range would waste most of the grid on one of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qdiffuse.formats.spec import FormatSpec
+from qdiffuse.nn.quantizer import ActivationQuantizer, WeightQuantizer
+
+
+class QuantLayer(nn.Module):
+    """Shared logic of the quantized Linear and Conv2d: per-split weight and input quantizers."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        weight_spec: FormatSpec,
+        act_spec: FormatSpec | None,
+        splits: tuple[int, ...],
+        observer: str,
+        dynamic: bool,
+        channel_dim: int,
+    ) -> None:
+        super().__init__()
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.splits = splits
+        self.channel_dim = channel_dim
+        self.weight_quantizers = nn.ModuleList(WeightQuantizer(weight_spec, observer) for _ in splits)
+        self.input_quantizers = nn.ModuleList(
+            ActivationQuantizer(act_spec, observer, dynamic, block_dim=channel_dim) for _ in splits
+        ) if act_spec is not None else nn.ModuleList()
+        self.weight_hardened = False
+        self.quant_enabled = True
+
+    def weight_parts(self, weight: Tensor) -> list[Tensor]:
+        return list(torch.split(weight, self.splits, dim=1))
+
+    def calibrate_weight(self) -> None:
+        for quantizer, part in zip(self.weight_quantizers, self.weight_parts(self.weight), strict=True):
+            quantizer.calibrate(part)
+
+    def quantized_weight(self) -> Tensor:
+        parts = [q(p) for q, p in zip(self.weight_quantizers, self.weight_parts(self.weight), strict=True)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def harden(self) -> None:
+        """Replace the float weight by its quantized values, so inference skips the weight quantizer."""
+        with torch.no_grad():
+            self.weight.copy_(self.quantized_weight())
+        self.weight_hardened = True
+
+    def effective_weight(self) -> Tensor:
+        if not self.quant_enabled or self.weight_hardened:
+            return self.weight
+        return self.quantized_weight()
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if not self.quant_enabled or len(self.input_quantizers) == 0:
+            return x
+        if len(self.splits) == 1:
+            return self.input_quantizers[0](x)
+        parts = torch.split(x, self.splits, dim=self.channel_dim)
+        return torch.cat([q(p) for q, p in zip(self.input_quantizers, parts, strict=True)], dim=self.channel_dim)
+
+    def bits_label(self) -> str:
+        act = self.act_spec.describe() if self.act_spec else "fp"
+        split = f" split{list(self.splits)}" if len(self.splits) > 1 else ""
+        return f"W:{self.weight_spec.describe()} A:{act}{split}"
+
+
+class QuantLinear(QuantLayer):
+    """nn.Linear with quantized weight and input; inputs may be [..., features]."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_spec: FormatSpec,
+        act_spec: FormatSpec | None,
+        observer: str = "minmax",
+        dynamic: bool = False,
+        split_at: int | None = None,
+    ) -> None:
+        splits = _splits(linear.in_features, split_at)
+        super().__init__(weight_spec, act_spec, splits, observer, dynamic, channel_dim=-1)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+class QuantConv2d(QuantLayer):
+    """nn.Conv2d with quantized weight and input ([N, C, H, W])."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        weight_spec: FormatSpec,
+        act_spec: FormatSpec | None,
+        observer: str = "minmax",
+        dynamic: bool = False,
+        split_at: int | None = None,
+    ) -> None:
+        if conv.groups != 1 and split_at:
+            split_at = None
+        splits = _splits(conv.in_channels // conv.groups, split_at)
+        super().__init__(weight_spec, act_spec, splits, observer, dynamic, channel_dim=1)
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.quantize_input(x)
+        weight = self.effective_weight()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _splits(channels: int, split_at: int | None) -> tuple[int, ...]:
+    if split_at is None or not 0 < split_at < channels:
+        return (channels,)
+    return (split_at, channels - split_at)
+
+
+__all__ = ["QuantLayer", "QuantLinear", "QuantConv2d"]

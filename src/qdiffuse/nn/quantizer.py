@@ -1,0 +1,247 @@
+"""Quantizer modules: the stateful wrappers around the pure format functions.
+
+A weight is seen once, so its quantizer computes every parameter (scales, zero points, block scales) from the
+weight and can then encode it to integer codes and decode it back exactly: that is what a saved model stores.
+An activation stream is seen many times, so its quantizer accumulates statistics while calibrating and then
+applies fixed parameters (static), or recomputes them on every call (dynamic). Blockwise formats (NVFP4, MXFP4)
+always take their block scales from the data, along the dimension the matmul reduces over.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qdiffuse.errors import ConfigError, DataError
+from qdiffuse.formats import (
+    FP8_DTYPES,
+    check_finite,
+    dequantize_fp8,
+    e2m1_decode,
+    e2m1_encode,
+    fake_quantize,
+    group_view,
+    int_bounds,
+    int_qparams,
+    nvfp4_global_scale,
+    round_e2m1,
+    ungroup_view,
+)
+from qdiffuse.formats.fp8 import FP8_MAX
+from qdiffuse.formats.spec import FormatSpec
+from qdiffuse.observers import make_observer
+
+E4M3 = torch.float8_e4m3fn
+
+
+class WeightQuantizer(nn.Module):
+    """Quantizes one weight tensor with parameters computed once from it.
+
+    Buffers after :meth:`calibrate`: ``scale`` and ``zero_point`` (int: per tensor/channel/group; fp8: scale),
+    ``block_scale`` (nvfp4: e4m3-valued per 16-block scale, with ``scale`` the fp32 tensor scale; mxfp4: the
+    power-of-two block scale).
+    """
+
+    def __init__(self, spec: FormatSpec, observer: str = "minmax") -> None:
+        super().__init__()
+        self.spec = spec
+        self.observer = observer
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+        self.register_buffer("block_scale", None)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is not None or self.block_scale is not None
+
+    def calibrate(self, weight: Tensor) -> None:
+        """Find this weight's quantization parameters (the observer decides the clipping range)."""
+        w = weight.detach().float()
+        check_finite(w, "weight")
+        spec = self.spec
+        if spec.kind == "mxfp4":
+            blocks = _blocks(w, spec.block_size)
+            amax = blocks.abs().amax(dim=-1, keepdim=True)
+            exponent = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - 2
+            self.block_scale = torch.exp2(exponent.clamp(-127, 127))
+            return
+        obs = make_observer(self.observer, spec)
+        obs.update(w)
+        scale, zero_point = obs.compute_qparams()
+        if spec.kind == "nvfp4":
+            self.scale = scale.float().reshape(())
+            blocks = _blocks(w, spec.block_size)
+            amax = blocks.abs().amax(dim=-1, keepdim=True)
+            self.block_scale = (amax / 6.0 / self.scale).clamp(max=448.0).to(E4M3).float()
+            return
+        self.scale = scale.float()
+        self.zero_point = zero_point.float() if zero_point is not None else None
+
+    def _require(self) -> None:
+        if not self.calibrated:
+            raise RuntimeError("weight quantizer used before calibrate()")
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """Fake-quantize ``weight`` with the stored parameters (differentiable through the STE)."""
+        self._require()
+        spec = self.spec
+        if spec.kind in ("nvfp4", "mxfp4"):
+            blocks = _blocks(weight, spec.block_size)
+            step = self._block_step().to(weight.dtype)
+            safe = torch.where(step > 0, step, torch.ones_like(step))
+            out = torch.where(step > 0, round_e2m1(blocks / safe) * step, torch.zeros_like(blocks))
+            return _unblocks(out, weight.shape)
+        if spec.granularity == "group" and spec.kind == "int":
+            grouped = group_view(weight, spec.group_size)
+            out = fake_quantize(grouped, _as_tensor_spec(spec), self.scale, self.zero_point)
+            return ungroup_view(out, weight.shape)
+        return fake_quantize(weight, spec, self.scale, self.zero_point)
+
+    def _block_step(self) -> Tensor:
+        if self.spec.kind == "nvfp4":
+            return self.block_scale * self.scale
+        return self.block_scale
+
+    def encode(self, weight: Tensor) -> Tensor:
+        """Integer codes of ``weight`` (uint8, offset to start at 0; fp8 as its raw bytes)."""
+        self._require()
+        spec = self.spec
+        w = weight.detach().float()
+        if spec.kind in ("nvfp4", "mxfp4"):
+            blocks = _blocks(w, spec.block_size)
+            step = self._block_step()
+            safe = torch.where(step > 0, step, torch.ones_like(step))
+            values = torch.where(step > 0, round_e2m1(blocks / safe), torch.zeros_like(blocks))
+            return e2m1_encode(values)
+        if spec.kind.startswith("fp8"):
+            scaled = (w / self.scale).clamp(-FP8_MAX[spec.kind], FP8_MAX[spec.kind])
+            return scaled.to(FP8_DTYPES[spec.kind]).view(torch.uint8)
+        qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
+        view = group_view(w, spec.group_size) if spec.granularity == "group" else w
+        zp = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
+        codes = torch.clamp(torch.round(view / self.scale) + zp, qmin, qmax) - qmin
+        return codes.to(torch.uint8)
+
+    def decode(self, codes: Tensor, shape: torch.Size) -> Tensor:
+        """Weights from :meth:`encode`'s codes, equal to ``forward(weight)`` bit for bit."""
+        self._require()
+        spec = self.spec
+        if spec.kind in ("nvfp4", "mxfp4"):
+            out = e2m1_decode(codes) * self._block_step()
+            return _unblocks(out, shape)
+        if spec.kind.startswith("fp8"):
+            return dequantize_fp8(codes.view(FP8_DTYPES[spec.kind]), self.scale)
+        qmin, _ = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
+        zp = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
+        values = (codes.float() + qmin - zp) * self.scale
+        return ungroup_view(values, shape) if spec.granularity == "group" else values.reshape(shape)
+
+    def code_shape(self, shape: torch.Size) -> tuple[int, ...]:
+        """Shape of :meth:`encode`'s output for a weight of ``shape``."""
+        if self.spec.kind in ("nvfp4", "mxfp4"):
+            return tuple(_blocks(torch.empty(shape, device="meta"), self.spec.block_size).shape)
+        if self.spec.granularity == "group":
+            return tuple(group_view(torch.empty(shape, device="meta"), self.spec.group_size).shape)
+        return tuple(shape)
+
+
+class ActivationQuantizer(nn.Module):
+    """Quantizes an activation stream; static (calibrated ranges) or dynamic (range per call).
+
+    ``block_dim`` is the dimension a following matmul reduces over (channels of a conv input, features of a
+    linear input); blockwise formats put their blocks along it.
+    """
+
+    def __init__(
+        self, spec: FormatSpec, observer: str = "minmax", dynamic: bool = False, block_dim: int = -1
+    ) -> None:
+        super().__init__()
+        if spec.granularity != "tensor" and spec.kind in ("int", "fp8_e4m3", "fp8_e5m2"):
+            raise ConfigError(
+                f"activation format {spec.describe()} is not per tensor; activations use granularity 'tensor'"
+            )
+        self.spec = spec
+        self.observer = observer
+        self.dynamic = dynamic
+        self.block_dim = block_dim
+        self.enabled = True
+        self._observer = None
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.dynamic and self.spec.kind != "mxfp4"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is not None or not self.needs_calibration
+
+    def start_calibration(self) -> None:
+        self._observer = make_observer(self.observer, self.spec) if self.needs_calibration else None
+
+    def finish_calibration(self) -> None:
+        if self._observer is None:
+            return
+        try:
+            scale, zero_point = self._observer.compute_qparams()
+        except DataError:
+            raise DataError(
+                "an activation quantizer saw no calibration data; the calibration set does not reach every "
+                "quantized layer (check --labels/--guidance) or is empty"
+            ) from None
+        self.scale = scale.float()
+        self.zero_point = zero_point.float() if zero_point is not None else None
+        self._observer = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self._observer is not None:
+            self._observer.update(x.detach())
+            return x
+        spec = self.spec
+        if spec.kind in ("nvfp4", "mxfp4"):
+            moved = x.movedim(self.block_dim, -1)
+            scale = self.scale
+            if spec.kind == "nvfp4" and (self.dynamic or scale is None):
+                scale = nvfp4_global_scale(x.detach().abs().amax())
+            return fake_quantize(moved, spec, scale).movedim(-1, self.block_dim)
+        if self.dynamic:
+            scale, zero_point = _dynamic_qparams(x.detach(), spec)
+        else:
+            if self.scale is None:
+                raise RuntimeError("static activation quantizer used before calibration")
+            scale, zero_point = self.scale, self.zero_point
+        return fake_quantize(x, spec, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype))
+
+
+def _dynamic_qparams(x: Tensor, spec: FormatSpec) -> tuple[Tensor, Tensor | None]:
+    if spec.kind == "int":
+        return int_qparams(x.amin(), x.amax(), spec.bits, spec.symmetric, spec.unsigned)
+    amax = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return amax / FP8_MAX[spec.kind], None
+
+
+def _as_tensor_spec(spec: FormatSpec) -> FormatSpec:
+    """The grouped view already carries the group axis; quantize it elementwise with its own scales."""
+    return FormatSpec(kind=spec.kind, bits=spec.bits, symmetric=spec.symmetric, unsigned=spec.unsigned)
+
+
+def _blocks(w: Tensor, block: int) -> Tensor:
+    """[out, ...] -> [out, n_blocks, block] along the flattened input dims, zero-padded."""
+    flat = w.reshape(w.shape[0], -1)
+    pad = (-flat.shape[1]) % block
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(flat.shape[0], -1, block)
+
+
+def _unblocks(blocks: Tensor, shape: torch.Size) -> Tensor:
+    numel_row = 1
+    for d in shape[1:]:
+        numel_row *= d
+    return blocks.reshape(blocks.shape[0], -1)[:, :numel_row].reshape(shape)
+
+
+__all__ = ["WeightQuantizer", "ActivationQuantizer"]

@@ -1,0 +1,145 @@
+"""The sampling loop: any diffusers scheduler around a :class:`Denoiser`, with hooks for what quantization needs.
+
+Noise is drawn from one generator per batch seeded from ``(seed, batch index)``, so a full-precision and a
+quantized model given the same request start from the same x_T and get the same injected noise: their outputs
+can be compared image by image. Hooks let calibration record the network inputs and let noise correction change
+ε before the scheduler sees it, without touching the scheduler.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qdiffuse.errors import ConfigError
+from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.progress import progress_bar
+from qdiffuse.sampling.schedulers import make_scheduler, validate_steps
+
+StepCallback = Callable[[int, Tensor, Tensor, Tensor | None, Tensor | None], None]
+"""on_step(step_index, t, network_x, network_labels, network_cond), called before every network call."""
+
+EpsHook = Callable[[int, Tensor, Tensor], Tensor]
+"""eps_hook(step_index, t, eps) -> eps, applied to the guided ε before the scheduler step."""
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What to sample: count, sampler and its settings, seed and conditioning."""
+
+    num: int
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    labels: tuple[int, ...] | None = None
+    guidance: float = 1.0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num <= 0:
+            raise ConfigError(f"--num {self.num} must be positive")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size {self.batch_size} must be positive")
+        if self.eta < 0:
+            raise ConfigError(f"--eta {self.eta} must be >= 0")
+
+
+def resolve_labels(denoiser: Denoiser, labels: Sequence[int] | None, num: int) -> Tensor | None:
+    """Class labels for ``num`` samples, cycling through ``labels`` (default: every class the model knows)."""
+    if denoiser.num_classes is None:
+        if labels:
+            raise ConfigError("this model is not class-conditional; drop --labels")
+        return None
+    classes = list(labels) if labels else list(range(denoiser.num_classes))
+    bad = [c for c in classes if not 0 <= c < denoiser.num_classes]
+    if bad:
+        raise ConfigError(f"labels {bad} are out of range; this model knows classes 0-{denoiser.num_classes - 1}")
+    return torch.tensor([classes[i % len(classes)] for i in range(num)], dtype=torch.long)
+
+
+def stub_condition(denoiser: Denoiser, num: int) -> Tensor | None:
+    """A fixed text-condition tensor for a ``UNet2DConditionModel`` when the user gives none.
+
+    Deterministic (its own seed) so FP and quantized runs see the same condition.
+    """
+    if denoiser.kind != "unet_cond":
+        return None
+    gen = torch.Generator().manual_seed(1234)
+    one = torch.randn(1, denoiser.cond_length, denoiser.cross_attention_dim, generator=gen)
+    return one.expand(num, -1, -1).clone()
+
+
+def batch_generator(seed: int, batch_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+
+
+def _step_kwargs(scheduler: object, eta: float, generator: torch.Generator) -> dict[str, object]:
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, object] = {}
+    if "generator" in params:
+        kwargs["generator"] = generator
+    if "eta" in params:
+        kwargs["eta"] = eta
+    elif eta not in (0.0, 1.0):
+        raise ConfigError(f"--eta applies to ddim only; this sampler ignores it (got {eta})")
+    return kwargs
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    scheduler_config: dict,
+    request: SampleRequest,
+    cond: Tensor | None = None,
+    on_step: StepCallback | None = None,
+    eps_hook: EpsHook | None = None,
+    description: str = "sampling",
+) -> tuple[Tensor, Tensor | None]:
+    """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels."""
+    labels = resolve_labels(denoiser, request.labels, request.num)
+    if cond is None:
+        cond = stub_condition(denoiser, request.num)
+    elif cond.ndim == 2:
+        cond = cond.unsqueeze(0).expand(request.num, -1, -1)
+    device = denoiser.device
+    images: list[Tensor] = []
+    n_batches = (request.num + request.batch_size - 1) // request.batch_size
+    with progress_bar(description, n_batches * request.steps) as bar:
+        for b in range(n_batches):
+            lo, hi = b * request.batch_size, min(request.num, (b + 1) * request.batch_size)
+            scheduler = make_scheduler(request.sampler, scheduler_config)
+            validate_steps(scheduler, request.steps)
+            scheduler.set_timesteps(request.steps)
+            gen = batch_generator(request.seed, b)
+            x = torch.randn((hi - lo, *denoiser.sample_shape), generator=gen) * scheduler.init_noise_sigma
+            x = x.to(device)
+            blabels = labels[lo:hi].to(device) if labels is not None else None
+            bcond = cond[lo:hi].to(device) if cond is not None else None
+            kwargs = _step_kwargs(scheduler, request.eta, gen)
+            for i, t in enumerate(scheduler.timesteps):
+                model_in = scheduler.scale_model_input(x, t)
+                t_batch = t.expand(model_in.shape[0]).to(device)
+                if on_step is not None:
+                    nx, nl, nc = denoiser.guided_inputs(model_in, blabels, bcond, request.guidance)
+                    on_step(i, t_batch[:1].expand(nx.shape[0]), nx, nl, nc)
+                eps = denoiser(model_in, t_batch, blabels, bcond, request.guidance)
+                if eps_hook is not None:
+                    eps = eps_hook(i, t, eps)
+                x = scheduler.step(eps, t, x, **kwargs).prev_sample
+                bar.advance()
+            images.append(x.float().cpu())
+    return torch.cat(images), labels
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """ADM convention: clamp to [-1, 1], then (x + 1) * 127.5 rounded, as N×H×W×C uint8."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+__all__ = ["SampleRequest", "sample", "to_uint8", "resolve_labels", "stub_condition", "batch_generator"]

@@ -85,7 +85,9 @@ def load_condition(path: Path | None):  # noqa: ANN201 - Tensor | None
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"--condition {path} is not a readable safetensors file ({exc})") from None
     if "encoder_hidden_states" not in tensors:
-        raise ConfigError(f"--condition {path} needs a tensor named 'encoder_hidden_states' ([seq, dim] or [N, seq, dim])")
+        raise ConfigError(
+            f"--condition {path} needs a tensor named 'encoder_hidden_states' ([seq, dim] or [N, seq, dim])"
+        )
     return tensors["encoder_hidden_states"].float()
 
 

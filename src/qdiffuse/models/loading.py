@@ -9,7 +9,6 @@ which class index is the null class for classifier-free guidance.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +120,9 @@ def load_safetensors_into(module: nn.Module, files: list[Path], where: str) -> N
         try:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-save or re-download it") from None
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+            raise ModelLoadError(
+                f"{path} is not a readable safetensors file ({exc}); re-save or re-download it"
+            ) from None
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -96,7 +96,7 @@ def quantize(
     model: Annotated[str, typer.Argument(help="Built-in model name or diffusers folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the quantized model.")],
     scheme: Annotated[str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4.")] = "w8a8",
-    method: Annotated[str, typer.Option(help="minmax or mse.")] = "minmax",
+    method: Annotated[str, typer.Option(help="minmax, mse or ptqd (mse + noise correction).")] = "minmax",
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
     calib_sampler: Annotated[str, typer.Option(help="Sampler that generates calibration data.")] = "ddim",
@@ -109,6 +109,8 @@ def quantize(
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
     no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
+    analysis_num: Annotated[int, typer.Option(help="ptqd: trajectories for the noise statistics.")] = 64,
+    analysis_eta: Annotated[float, typer.Option(help="ptqd: eta of the sampling setting analysed.")] = 0.0,
     seed: int = 0,
     batch_size: int = 64,
     device: Device = "auto",
@@ -122,6 +124,7 @@ def quantize(
     from qdiffuse.fsutil import check_output_path
     from qdiffuse.io import save_quantized
     from qdiffuse.models.loading import load_model_folder
+    from qdiffuse.sampling.loop import SampleRequest
     from qdiffuse.sampling.schedulers import SAMPLERS
 
     if calib_sampler not in SAMPLERS:
@@ -141,17 +144,35 @@ def quantize(
         seed=seed,
     )
     check_output_path(out, overwrite)
-    loaded = load_model_folder(model, resolve_device(device))
+    device = resolve_device(device)
+    loaded = load_model_folder(model, device)
+    cond = load_condition(condition)
+    label_list = parse_labels(labels)
+    analysis = None
+    if method == "ptqd":
+        analysis = SampleRequest(
+            num=analysis_num,
+            steps=calib_inference_steps,
+            sampler=calib_sampler,
+            eta=analysis_eta,
+            seed=seed + 7919,
+            labels=label_list,
+            guidance=guidance,
+            batch_size=batch_size,
+        )
     run_quantize(
-        loaded.denoiser,
-        loaded.scheduler_config,
-        config,
-        guidance=guidance,
-        labels=parse_labels(labels),
-        cond=load_condition(condition),
+        loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=label_list, cond=cond,
         batch_size=batch_size,
     )
-    save_quantized(loaded, out, overwrite)
+    extra = {}
+    if analysis is not None:
+        from qdiffuse.noise.analyze import measure_noise
+        from qdiffuse.noise.store import stats_json, stats_relpath
+
+        fp = load_model_folder(model, device)
+        stats = measure_noise(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, cond)
+        extra[stats_relpath(stats)] = stats_json(stats)
+    save_quantized(loaded, out, overwrite, extra_files=extra)
     typer.echo(f"wrote {out} ({config.scheme}, {config.method})")
 
 
@@ -168,6 +189,15 @@ def sample(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 1.0,
     grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid.")] = None,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
+    ptqd: Annotated[
+        bool | None, typer.Option("--ptqd/--no-ptqd", help="PTQD corrections (default: on for --method ptqd).")
+    ] = None,
+    no_k: Annotated[bool, typer.Option("--no-k-correction", help="Ablation: keep the correlated part.")] = False,
+    no_bias: Annotated[bool, typer.Option("--no-bias-correction", help="Ablation: keep the bias.")] = False,
+    no_variance: Annotated[
+        bool, typer.Option("--no-variance-calibration", help="Ablation: keep the sampler's noise.")
+    ] = False,
+    fp_model: Annotated[str | None, typer.Option("--fp", help="FP model, if statistics must be measured.")] = None,
     batch_size: int = 64,
     device: Device = "auto",
     overwrite: Overwrite = False,
@@ -195,15 +225,95 @@ def sample(
     check_output_path(out, overwrite)
     if grid is not None:
         check_output_path(grid, overwrite)
-    loaded = load_any(model, resolve_device(device))
+    device = resolve_device(device)
+    loaded = load_any(model, device)
+    cond = load_condition(condition)
+    hooks = _ptqd_hooks(model, loaded, request, ptqd, no_k, no_bias, no_variance, fp_model, cond, device)
     from qdiffuse.sampling.loop import sample as run_sample
 
-    images, image_labels = run_sample(loaded.denoiser, loaded.scheduler_config, request, load_condition(condition))
+    images, image_labels = run_sample(loaded.denoiser, loaded.scheduler_config, request, cond, **hooks)
     arr = to_uint8(images).numpy()
     save_samples(out, arr, image_labels, overwrite)
     if grid is not None:
         save_grid(grid, arr, overwrite)
     typer.echo(f"wrote {out} ({arr.shape[0]} images)")
+
+
+def _ptqd_hooks(model, loaded, request, ptqd, no_k, no_bias, no_variance, fp_model, cond, device) -> dict:  # noqa: ANN001
+    """Sampling hooks of the PTQD corrector, if PTQD applies to this model and request."""
+    from qdiffuse.api import quant_state
+    from qdiffuse.noise.correction import PTQDOptions
+    from qdiffuse.noise.pipeline import corrector_for
+
+    state = quant_state(loaded.denoiser.model)
+    if ptqd is None:
+        ptqd = state is not None and state.config.method == "ptqd"
+    if not ptqd:
+        return {}
+    if state is None:
+        raise ConfigError("--ptqd needs a quantized model folder; run qdiffuse quantize first")
+    options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
+    return corrector_for(Path(model), request, options, fp_model, cond, device).hooks()
+
+
+@app.command()
+def analyze(
+    folder: Annotated[Path, typer.Argument(help="A quantized model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (plots, JSON, Markdown).")],
+    num: Annotated[int, typer.Option("--num", "-n", help="FP trajectories to measure on.")] = 64,
+    steps: int = 50,
+    sampler: Annotated[str, typer.Option(help="Sampler you will sample with.")] = "ddim",
+    eta: float = 0.0,
+    guidance: float = 1.0,
+    labels: Annotated[str | None, typer.Option(help="Classes, e.g. 0-9.")] = None,
+    seed: int = 0,
+    fp_model: Annotated[str | None, typer.Option("--fp", help="FP model (default: the folder's source).")] = None,
+    condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
+    batch_size: int = 64,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Measure PTQD noise statistics per step, store them in the folder and write a report."""
+    _setup(quiet)
+    import json
+
+    from qdiffuse.fsutil import atomic_dir, check_output_path
+    from qdiffuse.io import is_quantized_folder
+    from qdiffuse.noise.correction import PTQDCorrector
+    from qdiffuse.noise.pipeline import analyze_quantized
+    from qdiffuse.noise.report import write_report
+    from qdiffuse.noise.store import save_stats
+    from qdiffuse.sampling.loop import SampleRequest
+    from qdiffuse.sampling.loop import sample as run_sample
+    from qdiffuse.sampling.schedulers import SAMPLERS
+
+    if not is_quantized_folder(folder):
+        raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    check_output_path(out, overwrite)
+    device = resolve_device(device)
+    request = SampleRequest(
+        num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, labels=parse_labels(labels),
+        guidance=guidance, batch_size=batch_size,
+    )
+    cond = load_condition(condition)
+    stats = analyze_quantized(folder, request, fp_model, cond, device)
+    corrector = PTQDCorrector(stats)
+    probe = SampleRequest(num=1, steps=steps, sampler=sampler, eta=eta, seed=seed, labels=request.labels,
+                          guidance=guidance, batch_size=1)
+    from qdiffuse.io import load_quantized
+
+    quantized = load_quantized(folder, device)
+    run_sample(quantized.denoiser, quantized.scheduler_config, probe, cond, description="variance bookkeeping",
+               **corrector.hooks())
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+        (tmp / "variance_calibration.json").write_text(json.dumps(corrector.summary(), indent=2))
+        report = write_report(stats, tmp, corrector.summary())
+    save_stats(folder, stats)
+    typer.echo(f"wrote {out / report.name}; statistics stored in {folder}")
 
 
 @app.command()

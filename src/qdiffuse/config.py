@@ -14,8 +14,9 @@ from typing import Any
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
 
-METHODS = ("minmax", "mse")
-"""Range-finding methods for round-to-nearest PTQ; reconstruction and noise correction build on these."""
+METHODS = ("minmax", "mse", "ptqd")
+"""minmax/mse: round-to-nearest PTQ with that range search. ptqd: mse ranges plus PTQD's noise statistics,
+measured at quantization time and corrected at sampling time."""
 
 
 def _int_weights(bits: int) -> FormatSpec:
@@ -134,6 +135,11 @@ class QuantConfig:
         if keep_8bit and _is_below_8bit(weight, activation):
             rules += [LayerRule(p, HIGH_PRECISION) for p in keep_8bit]
         return cls(scheme=scheme, weight=weight, activation=activation, method=method, rules=tuple(rules), **kwargs)
+
+    @property
+    def observer(self) -> str:
+        """Range search used for weights and activations."""
+        return "mse" if self.method == "ptqd" else self.method
 
     def formats_for(self, layer_name: str) -> tuple[FormatSpec, FormatSpec | None] | None:
         """The (weight, activation) formats of one layer, or None to keep it in full precision."""

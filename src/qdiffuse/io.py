@@ -48,8 +48,11 @@ def _code_bits(layer: QuantLayer) -> int:
     return layer.weight_spec.value_bits
 
 
-def save_quantized(loaded: LoadedModel, out: Path, overwrite: bool = False) -> Path:
-    """Write the quantized model of ``loaded`` to folder ``out`` (atomically)."""
+def save_quantized(
+    loaded: LoadedModel, out: Path, overwrite: bool = False, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write the quantized model of ``loaded`` to folder ``out`` (atomically), with ``extra_files`` (relative
+    path -> text, e.g. noise statistics) inside it."""
     model = loaded.denoiser.model
     state = quant_state(model)
     if state is None:
@@ -93,6 +96,9 @@ def save_quantized(loaded: LoadedModel, out: Path, overwrite: bool = False) -> P
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(loaded.scheduler_config, indent=2))
         if loaded.meta:
             (tmp / META_FILE).write_text(json.dumps(loaded.meta, indent=2))
+        for rel, text in (extra_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
     return Path(out)
 
 

@@ -128,10 +128,14 @@ class Denoiser:
         xin, lin, cin = self.guided_inputs(x, labels, cond, guidance)
         if guidance != 1.0 and t.ndim == 1:
             t = torch.cat([t, t])
-        eps = self.forward_raw(xin, t, lin, cin)
+        return self.combine_guidance(self.forward_raw(xin, t, lin, cin), guidance)
+
+    @staticmethod
+    def combine_guidance(raw: Tensor, guidance: float) -> Tensor:
+        """Guided ε from the network output on :meth:`guided_inputs` (conditional half first)."""
         if guidance == 1.0:
-            return eps
-        eps_c, eps_u = eps.chunk(2)
+            return raw
+        eps_c, eps_u = raw.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
 

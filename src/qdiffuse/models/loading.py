@@ -107,7 +107,8 @@ def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
     meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
     denoiser = Denoiser.from_model(module, meta)
-    return LoadedModel(denoiser, scheduler_config, str(model), sub, meta)
+    source = str(folder.resolve()) if Path(model).exists() else str(model)
+    return LoadedModel(denoiser, scheduler_config, source, sub, meta)
 
 
 def load_safetensors_into(module: nn.Module, files: list[Path], where: str) -> None:

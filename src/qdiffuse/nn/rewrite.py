@@ -67,7 +67,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
 
     Weight and activation parameters are not computed here: calibration does that.
     """
-    observer = observer or config.method
+    observer = observer or config.observer
     splits = shortcut_splits(model) if config.split_shortcuts else {}
     plan: list[LayerPlan] = []
     for name, module in list(model.named_modules()):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from qdiffuse.errors import ConfigError
 from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.noise.schedule import scaled_noise
 from qdiffuse.progress import progress_bar
 from qdiffuse.sampling.schedulers import make_scheduler, validate_steps
 
@@ -25,6 +27,9 @@ StepCallback = Callable[[int, Tensor, Tensor, Tensor | None, Tensor | None], Non
 
 EpsHook = Callable[[int, Tensor, Tensor], Tensor]
 """eps_hook(step_index, t, eps) -> eps, applied to the guided ε before the scheduler step."""
+
+NoiseHook = Callable[[int, Tensor, Any, Tensor, Tensor, dict], float]
+"""noise_hook(step_index, t, scheduler, x, eps, step_kwargs) -> factor on the noise the step injects."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ def sample(
     cond: Tensor | None = None,
     on_step: StepCallback | None = None,
     eps_hook: EpsHook | None = None,
+    noise_hook: NoiseHook | None = None,
     description: str = "sampling",
 ) -> tuple[Tensor, Tensor | None]:
     """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels."""
@@ -130,7 +136,9 @@ def sample(
                 eps = denoiser(model_in, t_batch, blabels, bcond, request.guidance)
                 if eps_hook is not None:
                     eps = eps_hook(i, t, eps)
-                x = scheduler.step(eps, t, x, **kwargs).prev_sample
+                factor = 1.0 if noise_hook is None else noise_hook(i, t, scheduler, x, eps, kwargs)
+                with scaled_noise(scheduler, factor):
+                    x = scheduler.step(eps, t, x, **kwargs).prev_sample
                 bar.advance()
             images.append(x.float().cpu())
     return torch.cat(images), labels

@@ -64,16 +64,6 @@ def _setup(quiet: bool) -> None:
     set_progress_enabled(not quiet)
 
 
-def load_any(model: str, device: str):  # noqa: ANN201 - returns LoadedModel
-    """A quantized folder, a diffusers folder or a built-in name."""
-    from qdiffuse.io import is_quantized_folder, load_quantized
-    from qdiffuse.models.loading import load_model_folder
-
-    if is_quantized_folder(model):
-        return load_quantized(model, device)
-    return load_model_folder(model, device)
-
-
 def load_condition(path: Path | None):  # noqa: ANN201 - Tensor | None
     if path is None:
         return None
@@ -95,7 +85,9 @@ def load_condition(path: Path | None):  # noqa: ANN201 - Tensor | None
 def quantize(
     model: Annotated[str, typer.Argument(help="Built-in model name or diffusers folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the quantized model.")],
-    scheme: Annotated[str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4.")] = "w8a8",
+    scheme: Annotated[
+        str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
+    ] = "w8a8",
     method: Annotated[str, typer.Option(help="minmax, mse or ptqd (mse + noise correction).")] = "minmax",
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
@@ -111,6 +103,7 @@ def quantize(
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
     analysis_num: Annotated[int, typer.Option(help="ptqd: trajectories for the noise statistics.")] = 64,
     analysis_eta: Annotated[float, typer.Option(help="ptqd: eta of the sampling setting analysed.")] = 0.0,
+    snr_margin: Annotated[float, typer.Option(help="Mixed precision: low bits where SNR_Q >= margin*SNR_F.")] = 1.0,
     seed: int = 0,
     batch_size: int = 64,
     device: Device = "auto",
@@ -119,11 +112,9 @@ def quantize(
 ) -> None:
     """Quantize a model with time-step-aware calibration and save it as a folder."""
     _setup(quiet)
-    from qdiffuse.api import quantize as run_quantize
     from qdiffuse.config import DEFAULT_KEEP_8BIT, QuantConfig
     from qdiffuse.fsutil import check_output_path
-    from qdiffuse.io import save_quantized
-    from qdiffuse.models.loading import load_model_folder
+    from qdiffuse.pipeline import quantize_folder
     from qdiffuse.sampling.loop import SampleRequest
     from qdiffuse.sampling.schedulers import SAMPLERS
 
@@ -144,35 +135,30 @@ def quantize(
         seed=seed,
     )
     check_output_path(out, overwrite)
-    device = resolve_device(device)
-    loaded = load_model_folder(model, device)
-    cond = load_condition(condition)
     label_list = parse_labels(labels)
-    analysis = None
-    if method == "ptqd":
-        analysis = SampleRequest(
-            num=analysis_num,
-            steps=calib_inference_steps,
-            sampler=calib_sampler,
-            eta=analysis_eta,
-            seed=seed + 7919,
-            labels=label_list,
-            guidance=guidance,
-            batch_size=batch_size,
-        )
-    run_quantize(
-        loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=label_list, cond=cond,
+    analysis = SampleRequest(
+        num=analysis_num,
+        steps=calib_inference_steps,
+        sampler=calib_sampler,
+        eta=analysis_eta,
+        seed=seed + 7919,
+        labels=label_list,
+        guidance=guidance,
         batch_size=batch_size,
     )
-    extra = {}
-    if analysis is not None:
-        from qdiffuse.noise.analyze import measure_noise
-        from qdiffuse.noise.store import stats_json, stats_relpath
-
-        fp = load_model_folder(model, device)
-        stats = measure_noise(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, cond)
-        extra[stats_relpath(stats)] = stats_json(stats)
-    save_quantized(loaded, out, overwrite, extra_files=extra)
+    quantize_folder(
+        model,
+        out,
+        config,
+        guidance=guidance,
+        labels=label_list,
+        cond=load_condition(condition),
+        batch_size=batch_size,
+        device=resolve_device(device),
+        overwrite=overwrite,
+        analysis=analysis,
+        snr_margin=snr_margin,
+    )
     typer.echo(f"wrote {out} ({config.scheme}, {config.method})")
 
 
@@ -207,6 +193,8 @@ def sample(
     _setup(quiet)
     from qdiffuse.fsutil import check_output_path
     from qdiffuse.imageio import save_grid, save_samples
+    from qdiffuse.noise.correction import PTQDOptions
+    from qdiffuse.pipeline import load_any, sampling_hooks
     from qdiffuse.sampling.loop import SampleRequest, to_uint8
     from qdiffuse.sampling.schedulers import SAMPLERS
 
@@ -228,7 +216,10 @@ def sample(
     device = resolve_device(device)
     loaded = load_any(model, device)
     cond = load_condition(condition)
-    hooks = _ptqd_hooks(model, loaded, request, ptqd, no_k, no_bias, no_variance, fp_model, cond, device)
+    options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
+    hooks = sampling_hooks(
+        model, loaded, request, ptqd=ptqd, options=options, fp_model=fp_model, cond=cond, device=device
+    )
     from qdiffuse.sampling.loop import sample as run_sample
 
     images, image_labels = run_sample(loaded.denoiser, loaded.scheduler_config, request, cond, **hooks)
@@ -237,23 +228,6 @@ def sample(
     if grid is not None:
         save_grid(grid, arr, overwrite)
     typer.echo(f"wrote {out} ({arr.shape[0]} images)")
-
-
-def _ptqd_hooks(model, loaded, request, ptqd, no_k, no_bias, no_variance, fp_model, cond, device) -> dict:  # noqa: ANN001
-    """Sampling hooks of the PTQD corrector, if PTQD applies to this model and request."""
-    from qdiffuse.api import quant_state
-    from qdiffuse.noise.correction import PTQDOptions
-    from qdiffuse.noise.pipeline import corrector_for
-
-    state = quant_state(loaded.denoiser.model)
-    if ptqd is None:
-        ptqd = state is not None and state.config.method == "ptqd"
-    if not ptqd:
-        return {}
-    if state is None:
-        raise ConfigError("--ptqd needs a quantized model folder; run qdiffuse quantize first")
-    options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
-    return corrector_for(Path(model), request, options, fp_model, cond, device).hooks()
 
 
 @app.command()
@@ -282,6 +256,7 @@ def analyze(
     from qdiffuse.io import is_quantized_folder
     from qdiffuse.noise.correction import PTQDCorrector
     from qdiffuse.noise.pipeline import analyze_quantized
+    from qdiffuse.noise.precision import PlanSwitcher, load_plan
     from qdiffuse.noise.report import write_report
     from qdiffuse.noise.store import save_stats
     from qdiffuse.sampling.loop import SampleRequest
@@ -306,8 +281,12 @@ def analyze(
     from qdiffuse.io import load_quantized
 
     quantized = load_quantized(folder, device)
+    hooks = corrector.hooks()
+    plan = load_plan(folder)
+    if plan is not None:
+        hooks["on_step"] = PlanSwitcher(plan, quantized.denoiser.model).on_step
     run_sample(quantized.denoiser, quantized.scheduler_config, probe, cond, description="variance bookkeeping",
-               **corrector.hooks())
+               **hooks)
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
         (tmp / "variance_calibration.json").write_text(json.dumps(corrector.summary(), indent=2))

@@ -47,6 +47,9 @@ asymmetric per tensor, since post-SiLU/GELU activations are skewed. FP8 uses e4m
 and a per-tensor activation scale. NVFP4 and MXFP4 are blockwise by definition.
 """
 
+MIXED_SCHEMES: dict[str, tuple[str, tuple[int, ...]]] = {"w4-mixed": ("w4a8", (4, 8)), "w8-mixed": ("w8a8", (4, 8))}
+"""Step-aware mixed precision (PTQD): the base scheme's weights, activation bit-width chosen per step."""
+
 HIGH_PRECISION = "w8a8"
 """Scheme for layers the policy keeps at higher precision when the main scheme is lower."""
 
@@ -104,6 +107,7 @@ class QuantConfig:
     softmax_bits: int = 8
     split_shortcuts: bool = True
     dynamic_activations: bool = False
+    mixed_activation_bits: tuple[int, ...] = ()
     calib_steps: int = 20
     calib_per_step: int = 32
     calib_sampler: str = "ddim"
@@ -115,6 +119,10 @@ class QuantConfig:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 8 <= self.softmax_bits <= 16:
             raise ConfigError(f"softmax_bits={self.softmax_bits} is out of range; use 8 to 16")
+        if self.mixed_activation_bits and (self.activation is None or self.activation.kind != "int"):
+            raise ConfigError("mixed activation bit-widths need integer activations; use --scheme w4-mixed")
+        if any(not 2 <= b <= 8 for b in self.mixed_activation_bits):
+            raise ConfigError(f"mixed activation bits {self.mixed_activation_bits} out of range; use 2 to 8")
         if self.calib_steps < 1 or self.calib_per_step < 1:
             raise ConfigError("calibration counts must be positive; use e.g. --calib-steps 20 --calib-per-step 32")
 
@@ -128,9 +136,14 @@ class QuantConfig:
         **kwargs: Any,
     ) -> QuantConfig:
         """Build a config from a scheme name, with the default 8-bit layer policy unless told otherwise."""
-        if scheme not in SCHEMES:
-            raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
-        weight, activation = SCHEMES[scheme]
+        if scheme in MIXED_SCHEMES:
+            base, bits = MIXED_SCHEMES[scheme]
+            kwargs.setdefault("mixed_activation_bits", bits)
+            weight, activation = SCHEMES[base]
+        elif scheme in SCHEMES:
+            weight, activation = SCHEMES[scheme]
+        else:
+            raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join([*SCHEMES, *MIXED_SCHEMES])}")
         rules = [LayerRule(p, "fp") for p in keep_fp]
         if keep_8bit and _is_below_8bit(weight, activation):
             rules += [LayerRule(p, HIGH_PRECISION) for p in keep_8bit]
@@ -153,6 +166,12 @@ class QuantConfig:
                 return weight, activation
         return self.weight, self.activation
 
+    def activation_variants(self, activation: FormatSpec | None) -> dict[str, FormatSpec] | None:
+        """Per-step activation formats for layers on the main activation format (None: a single format)."""
+        if not self.mixed_activation_bits or activation != self.activation:
+            return None
+        return {f"a{b}": replace(activation, bits=b) for b in sorted(self.mixed_activation_bits)}
+
     def softmax_spec(self) -> FormatSpec:
         return FormatSpec(kind="int", bits=min(self.softmax_bits, 8), unsigned=True, symmetric=False)
 
@@ -170,6 +189,7 @@ class QuantConfig:
             data["weight"] = FormatSpec.from_dict(data["weight"])
             data["activation"] = FormatSpec.from_dict(data["activation"]) if data.get("activation") else None
             data["rules"] = tuple(LayerRule(**r) for r in data.get("rules", []))
+            data["mixed_activation_bits"] = tuple(data.get("mixed_activation_bits", ()))
             return cls(**data)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed quantization config ({exc}); re-run qdiffuse quantize") from None
@@ -183,4 +203,4 @@ def _is_below_8bit(weight: FormatSpec, activation: FormatSpec | None) -> bool:
     return min(bits) < 8
 
 
-__all__ = ["SCHEMES", "METHODS", "QuantConfig", "LayerRule", "DEFAULT_KEEP_8BIT"]
+__all__ = ["SCHEMES", "MIXED_SCHEMES", "METHODS", "QuantConfig", "LayerRule", "DEFAULT_KEEP_8BIT"]

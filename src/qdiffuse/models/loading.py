@@ -103,7 +103,7 @@ def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
             "re-save the model with save_pretrained(safe_serialization=True)"
         )
     load_safetensors_into(module, weights, str(folder / sub))
-    module.to(device=device, dtype=torch.float32).eval()
+    module.to(device).eval()
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
     meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
     denoiser = Denoiser.from_model(module, meta)

@@ -14,25 +14,43 @@ import math
 from torch import Tensor, nn
 
 from qdiffuse.formats.spec import FormatSpec
-from qdiffuse.nn.quantizer import ActivationQuantizer
+from qdiffuse.nn.quantizer import ActivationQuantizer, make_activation_quantizer
 
 
 class QuantAttnProcessor(nn.Module):
     """Explicit attention with quantized Q, K, V and softmax output."""
 
     def __init__(
-        self, act_spec: FormatSpec, softmax_spec: FormatSpec, observer: str = "minmax", dynamic: bool = False
+        self,
+        act_spec: FormatSpec,
+        softmax_spec: FormatSpec,
+        observer: str = "minmax",
+        dynamic: bool = False,
+        act_variants: dict[str, FormatSpec] | None = None,
     ) -> None:
         super().__init__()
         self.act_spec = act_spec
         self.softmax_spec = softmax_spec
-        self.q_quantizer = ActivationQuantizer(act_spec, observer, dynamic)
-        self.k_quantizer = ActivationQuantizer(act_spec, observer, dynamic)
-        self.v_quantizer = ActivationQuantizer(act_spec, observer, dynamic, block_dim=-2)
+        self.q_quantizer = make_activation_quantizer(act_spec, observer, dynamic, -1, act_variants)
+        self.k_quantizer = make_activation_quantizer(act_spec, observer, dynamic, -1, act_variants)
+        self.v_quantizer = make_activation_quantizer(act_spec, observer, dynamic, -2, act_variants)
         self.softmax_quantizer = ActivationQuantizer(softmax_spec, observer, dynamic)
         self.quant_enabled = True
 
-    def _q(self, quantizer: ActivationQuantizer, x: Tensor) -> Tensor:
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor:
+        """Explicit signature: diffusers reads it to decide which keyword arguments to pass."""
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def _q(self, quantizer: nn.Module, x: Tensor) -> Tensor:
         return quantizer(x) if self.quant_enabled else x
 
     def forward(
@@ -95,7 +113,7 @@ class QuantAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def quantizers(self) -> dict[str, ActivationQuantizer]:
+    def quantizers(self) -> dict[str, nn.Module]:
         return {
             "q": self.q_quantizer,
             "k": self.k_quantizer,

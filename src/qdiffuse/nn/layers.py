@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdiffuse.formats.spec import FormatSpec
-from qdiffuse.nn.quantizer import ActivationQuantizer, WeightQuantizer
+from qdiffuse.nn.quantizer import WeightQuantizer, make_activation_quantizer
 
 
 class QuantLayer(nn.Module):
@@ -30,6 +30,7 @@ class QuantLayer(nn.Module):
         observer: str,
         dynamic: bool,
         channel_dim: int,
+        act_variants: dict[str, FormatSpec] | None = None,
     ) -> None:
         super().__init__()
         self.weight_spec = weight_spec
@@ -37,9 +38,13 @@ class QuantLayer(nn.Module):
         self.splits = splits
         self.channel_dim = channel_dim
         self.weight_quantizers = nn.ModuleList(WeightQuantizer(weight_spec, observer) for _ in splits)
-        self.input_quantizers = nn.ModuleList(
-            ActivationQuantizer(act_spec, observer, dynamic, block_dim=channel_dim) for _ in splits
-        ) if act_spec is not None else nn.ModuleList()
+        self.input_quantizers = (
+            nn.ModuleList(
+                make_activation_quantizer(act_spec, observer, dynamic, channel_dim, act_variants) for _ in splits
+            )
+            if act_spec is not None
+            else nn.ModuleList()
+        )
         self.weight_hardened = False
         self.quant_enabled = True
 
@@ -75,6 +80,8 @@ class QuantLayer(nn.Module):
 
     def bits_label(self) -> str:
         act = self.act_spec.describe() if self.act_spec else "fp"
+        if self.input_quantizers and hasattr(self.input_quantizers[0], "variants"):
+            act = "|".join(q.spec.describe() for q in self.input_quantizers[0].variants.values())
         split = f" split{list(self.splits)}" if len(self.splits) > 1 else ""
         return f"W:{self.weight_spec.describe()} A:{act}{split}"
 
@@ -90,9 +97,10 @@ class QuantLinear(QuantLayer):
         observer: str = "minmax",
         dynamic: bool = False,
         split_at: int | None = None,
+        act_variants: dict[str, FormatSpec] | None = None,
     ) -> None:
         splits = _splits(linear.in_features, split_at)
-        super().__init__(weight_spec, act_spec, splits, observer, dynamic, channel_dim=-1)
+        super().__init__(weight_spec, act_spec, splits, observer, dynamic, -1, act_variants)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
@@ -113,11 +121,12 @@ class QuantConv2d(QuantLayer):
         observer: str = "minmax",
         dynamic: bool = False,
         split_at: int | None = None,
+        act_variants: dict[str, FormatSpec] | None = None,
     ) -> None:
         if conv.groups != 1 and split_at:
             split_at = None
         splits = _splits(conv.in_channels // conv.groups, split_at)
-        super().__init__(weight_spec, act_spec, splits, observer, dynamic, channel_dim=1)
+        super().__init__(weight_spec, act_spec, splits, observer, dynamic, 1, act_variants)
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
         self.kernel_size = conv.kernel_size

@@ -216,6 +216,64 @@ class ActivationQuantizer(nn.Module):
         return fake_quantize(x, spec, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype))
 
 
+class SwitchableActivationQuantizer(nn.Module):
+    """Several calibrated activation formats for one stream, one active at a time (step-aware precision).
+
+    PTQD's mixed precision shares the weights across steps and changes only the activation bit-width per
+    step, so every variant is calibrated on the same data and the sampler switches between them.
+    """
+
+    def __init__(
+        self, variants: dict[str, FormatSpec], active: str, observer: str, dynamic: bool, block_dim: int = -1
+    ) -> None:
+        super().__init__()
+        self.variants = nn.ModuleDict(
+            {k: ActivationQuantizer(v, observer, dynamic, block_dim) for k, v in variants.items()}
+        )
+        self.active = active
+
+    @property
+    def spec(self) -> FormatSpec:
+        return self.variants[self.active].spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(q._observer is not None for q in self.variants.values()):
+            for q in self.variants.values():
+                q(x)
+            return x
+        return self.variants[self.active](x)
+
+
+def make_activation_quantizer(
+    spec: FormatSpec,
+    observer: str,
+    dynamic: bool,
+    block_dim: int = -1,
+    variants: dict[str, FormatSpec] | None = None,
+) -> nn.Module:
+    """A plain activation quantizer, or a switchable one when ``variants`` are given."""
+    if variants:
+        active = max(variants, key=lambda k: variants[k].value_bits)
+        return SwitchableActivationQuantizer(variants, active, observer, dynamic, block_dim)
+    return ActivationQuantizer(spec, observer, dynamic, block_dim)
+
+
+def set_activation_variant(model: nn.Module, key: str) -> None:
+    """Make variant ``key`` (e.g. ``"a4"``) active in every switchable quantizer of ``model``."""
+    for module in model.modules():
+        if isinstance(module, SwitchableActivationQuantizer):
+            if key not in module.variants:
+                raise ConfigError(f"activation variant {key!r} unknown; this model has {list(module.variants)}")
+            module.active = key
+
+
+def activation_variants(model: nn.Module) -> list[str]:
+    for module in model.modules():
+        if isinstance(module, SwitchableActivationQuantizer):
+            return list(module.variants)
+    return []
+
+
 def _dynamic_qparams(x: Tensor, spec: FormatSpec) -> tuple[Tensor, Tensor | None]:
     if spec.kind == "int":
         return int_qparams(x.amin(), x.amax(), spec.bits, spec.symmetric, spec.unsigned)
@@ -244,4 +302,11 @@ def _unblocks(blocks: Tensor, shape: torch.Size) -> Tensor:
     return blocks.reshape(blocks.shape[0], -1)[:, :numel_row].reshape(shape)
 
 
-__all__ = ["WeightQuantizer", "ActivationQuantizer"]
+__all__ = [
+    "WeightQuantizer",
+    "ActivationQuantizer",
+    "SwitchableActivationQuantizer",
+    "make_activation_quantizer",
+    "set_activation_variant",
+    "activation_variants",
+]

@@ -86,6 +86,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
                 observer=observer,
                 dynamic=config.dynamic_activations,
                 split_at=splits.get(name),
+                act_variants=config.activation_variants(act_spec),
             )
             _set_submodule(model, name, new)
             plan.append(LayerPlan(name, cls.__name__, new.bits_label()))
@@ -94,7 +95,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
             if formats is None or formats[1] is None:
                 continue
             processor = QuantAttnProcessor(
-                formats[1], config.softmax_spec(), observer=observer, dynamic=config.dynamic_activations
+                formats[1],
+                config.softmax_spec(),
+                observer=observer,
+                dynamic=config.dynamic_activations,
+                act_variants=config.activation_variants(formats[1]),
             )
             module.set_processor(processor)
             label = f"QK/AV:{formats[1].describe()} softmax:{config.softmax_spec().describe()}"

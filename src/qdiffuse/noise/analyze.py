@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.nn.quantizer import set_activation_variant
 from qdiffuse.noise.stats import NoiseStats, StepAccumulator, forward_snr
 from qdiffuse.sampling.loop import SampleRequest, sample
 from qdiffuse.sampling.schedulers import make_scheduler
@@ -33,8 +35,12 @@ def measure_noise(
     scheduler_config: dict[str, Any],
     request: SampleRequest,
     cond: Tensor | None = None,
+    variant_for: Callable[[int], str] | None = None,
 ) -> NoiseStats:
-    """Single-step quantization-noise statistics for every timestep ``request`` samples."""
+    """Single-step quantization-noise statistics for every timestep ``request`` samples.
+
+    ``variant_for(t)`` selects the quantized model's activation variant per step (a mixed-precision plan).
+    """
     alphas_cumprod = make_scheduler("ddpm", scheduler_config).alphas_cumprod
     accumulators: dict[int, StepAccumulator] = {}
     stash: dict[str, Any] = {}
@@ -43,6 +49,8 @@ def measure_noise(
         stash.update(t=t, x=x, labels=labels, cond=c)
 
     def eps_hook(i: int, t: Tensor, eps_fp: Tensor) -> Tensor:
+        if variant_for is not None:
+            set_activation_variant(quantized.model, variant_for(int(t)))
         raw = quantized.forward_raw(stash["x"], stash["t"], stash["labels"], stash["cond"])
         eps_q = Denoiser.combine_guidance(raw, request.guidance)
         key = int(t)

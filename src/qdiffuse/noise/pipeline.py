@@ -12,6 +12,7 @@ from qdiffuse.io import QUANT_JSON
 from qdiffuse.models.loading import load_model_folder, read_json
 from qdiffuse.noise.analyze import measure_noise
 from qdiffuse.noise.correction import PTQDCorrector, PTQDOptions
+from qdiffuse.noise.precision import load_plan
 from qdiffuse.noise.stats import NoiseStats
 from qdiffuse.noise.store import find_stats, save_stats
 from qdiffuse.sampling.loop import SampleRequest
@@ -37,7 +38,9 @@ def analyze_quantized(
         fp = load_model_folder(fp_source(qdir, fp_model), device)
     except ModelLoadError as exc:
         raise ModelLoadError(f"cannot load the FP model for the analysis ({exc}); pass --fp MODEL") from None
-    return measure_noise(fp.denoiser, quantized.denoiser, quantized.scheduler_config, request, cond)
+    plan = load_plan(qdir)
+    variant_for = plan.variant_for if plan is not None else None
+    return measure_noise(fp.denoiser, quantized.denoiser, quantized.scheduler_config, request, cond, variant_for)
 
 
 def corrector_for(

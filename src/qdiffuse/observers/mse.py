@@ -38,7 +38,7 @@ class MSEObserver(Observer):
         spec: FormatSpec,
         p: float = 2.4,
         num_candidates: int = 80,
-        max_samples: int = 2**20,
+        max_samples: int = 2**16,
         max_per_channel: int = 2**12,
         seed: int = 0,
     ) -> None:

@@ -1,0 +1,107 @@
+"""Folder-to-folder workflows behind the CLI: quantize a model folder, and build the hooks sampling needs.
+
+Kept apart from the command line so scripts and benchmarks run exactly what the commands run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from qdiffuse.api import quant_state, quantize
+from qdiffuse.config import QuantConfig
+from qdiffuse.errors import ConfigError
+from qdiffuse.io import is_quantized_folder, load_quantized, save_quantized
+from qdiffuse.models.loading import LoadedModel, load_model_folder
+from qdiffuse.sampling.loop import SampleRequest
+
+
+def load_any(model: str | Path, device: str = "cpu") -> LoadedModel:
+    """A quantized folder, a diffusers folder or a built-in name."""
+    if is_quantized_folder(model):
+        return load_quantized(model, device)
+    return load_model_folder(model, device)
+
+
+def quantize_folder(
+    model: str | Path,
+    out: Path,
+    config: QuantConfig,
+    *,
+    guidance: float = 1.0,
+    labels: tuple[int, ...] | None = None,
+    cond: Tensor | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    overwrite: bool = False,
+    analysis: SampleRequest | None = None,
+    snr_margin: float = 1.0,
+) -> LoadedModel:
+    """Quantize ``model`` and save it to ``out``.
+
+    Mixed-precision schemes get their per-step plan, and ``--method ptqd`` its noise statistics, both measured
+    on ``analysis`` (the sampling setting the user will use) against a fresh FP copy of the model.
+    """
+    loaded = load_model_folder(model, device)
+    quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=labels, cond=cond,
+             batch_size=batch_size)
+    extra: dict[str, str] = {}
+    needs_fp = bool(config.mixed_activation_bits) or config.method == "ptqd"
+    if needs_fp:
+        if analysis is None:
+            raise ConfigError("mixed precision and ptqd need an analysis sampling setting")
+        from qdiffuse.noise.analyze import measure_noise
+        from qdiffuse.noise.precision import PLAN_FILE, choose_precision
+        from qdiffuse.noise.store import stats_json, stats_relpath
+
+        fp = load_model_folder(model, device)
+        variant_for = None
+        if config.mixed_activation_bits:
+            plan = choose_precision(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, snr_margin, cond)
+            extra[PLAN_FILE] = plan.to_json()
+            variant_for = plan.variant_for
+        if config.method == "ptqd":
+            stats = measure_noise(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, cond, variant_for)
+            extra[stats_relpath(stats)] = stats_json(stats)
+    save_quantized(loaded, out, overwrite, extra_files=extra)
+    return loaded
+
+
+def sampling_hooks(
+    model: str | Path,
+    loaded: LoadedModel,
+    request: SampleRequest,
+    *,
+    ptqd: bool | None = None,
+    options: Any = None,
+    fp_model: str | None = None,
+    cond: Tensor | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Hooks for ``sample``: the per-step precision plan and PTQD corrections of a quantized folder.
+
+    ``ptqd=None`` applies PTQD when the folder was made with ``--method ptqd``.
+    """
+    from qdiffuse.noise.correction import PTQDOptions
+    from qdiffuse.noise.pipeline import corrector_for
+    from qdiffuse.noise.precision import PlanSwitcher, load_plan
+
+    state = quant_state(loaded.denoiser.model)
+    hooks: dict[str, Any] = {}
+    if state is not None:
+        plan = load_plan(Path(model))
+        if plan is not None:
+            hooks["on_step"] = PlanSwitcher(plan, loaded.denoiser.model).on_step
+    if ptqd is None:
+        ptqd = state is not None and state.config.method == "ptqd"
+    if ptqd:
+        if state is None:
+            raise ConfigError("--ptqd needs a quantized model folder; run qdiffuse quantize first")
+        corrector = corrector_for(Path(model), request, options or PTQDOptions(), fp_model, cond, device)
+        hooks.update(corrector.hooks())
+    return hooks
+
+
+__all__ = ["load_any", "quantize_folder", "sampling_hooks"]

@@ -297,7 +297,9 @@ def analyze(
 
 @app.command()
 def info(folder: Annotated[Path, typer.Argument(help="A quantized model folder.")]) -> None:
-    """Print scheme, size and per-layer formats of a quantized folder."""
+    """Print scheme, size, compute, precision plan and per-layer formats of a quantized folder."""
+    import json
+
     from qdiffuse.io import describe_folder, is_quantized_folder
 
     if not is_quantized_folder(folder):
@@ -315,6 +317,23 @@ def info(folder: Annotated[Path, typer.Argument(help="A quantized model folder."
     calib = desc["calibration"]
     if calib:
         typer.echo(f"calibrated: {calib.get('inputs')} inputs over {len(calib.get('timesteps', []))} timesteps")
+    cost_path = folder / "cost.json"
+    if cost_path.is_file():
+        cost = json.loads(cost_path.read_text())
+        typer.echo(
+            f"compute:    {cost['macs_per_call'] / 1e6:.1f} M MACs per call, {cost['bops_per_call'] / 1e9:.2f} G BOPs "
+            f"({cost['bops_reduction']:.1f}x fewer than FP32)"
+        )
+    plan_path = folder / "precision_plan.json"
+    if plan_path.is_file():
+        from qdiffuse.noise.precision import load_plan
+
+        plan = load_plan(folder)
+        shares = ", ".join(f"{k}: {v:.0%} of steps" for k, v in plan.fraction().items())
+        typer.echo(f"precision:  per-step activation plan ({shares}; measured on {plan.settings['sampler']} "
+                   f"{plan.settings['steps']} steps)")
+        for t in sorted(plan.per_timestep, reverse=True):
+            typer.echo(f"  t={t:<5} {plan.per_timestep[t]}")
     typer.echo(f"layers:     {len(desc['plan'])} quantized")
     width = max((len(p["name"]) for p in desc["plan"]), default=10)
     for p in desc["plan"]:

@@ -154,23 +154,25 @@ class QuantConfig:
         """Range search used for weights and activations."""
         return "mse" if self.method == "ptqd" else self.method
 
+    def rule_for(self, layer_name: str) -> LayerRule | None:
+        """The first rule matching ``layer_name`` (None: the layer follows the main scheme)."""
+        return next((r for r in self.rules if fnmatch.fnmatchcase(layer_name, r.pattern)), None)
+
     def formats_for(self, layer_name: str) -> tuple[FormatSpec, FormatSpec | None] | None:
         """The (weight, activation) formats of one layer, or None to keep it in full precision."""
-        for rule in self.rules:
-            if fnmatch.fnmatchcase(layer_name, rule.pattern):
-                if rule.scheme == "fp":
-                    return None
-                weight, activation = SCHEMES[rule.scheme]
-                if self.activation is None:
-                    activation = None
-                return weight, activation
-        return self.weight, self.activation
-
-    def activation_variants(self, activation: FormatSpec | None) -> dict[str, FormatSpec] | None:
-        """Per-step activation formats for layers on the main activation format (None: a single format)."""
-        if not self.mixed_activation_bits or activation != self.activation:
+        rule = self.rule_for(layer_name)
+        if rule is None:
+            return self.weight, self.activation
+        if rule.scheme == "fp":
             return None
-        return {f"a{b}": replace(activation, bits=b) for b in sorted(self.mixed_activation_bits)}
+        weight, activation = SCHEMES[rule.scheme]
+        return weight, None if self.activation is None else activation
+
+    def activation_variants(self, layer_name: str) -> dict[str, FormatSpec] | None:
+        """Per-step activation formats of a layer on the main scheme (None: one format, e.g. kept at 8 bits)."""
+        if not self.mixed_activation_bits or self.activation is None or self.rule_for(layer_name) is not None:
+            return None
+        return {f"a{b}": replace(self.activation, bits=b) for b in sorted(self.mixed_activation_bits)}
 
     def softmax_spec(self) -> FormatSpec:
         return FormatSpec(kind="int", bits=min(self.softmax_bits, 8), unsigned=True, symmetric=False)

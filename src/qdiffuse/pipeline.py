@@ -5,6 +5,7 @@ Kept apart from the command line so scripts and benchmarks run exactly what the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from qdiffuse.errors import ConfigError
 from qdiffuse.io import is_quantized_folder, load_quantized, save_quantized
 from qdiffuse.models.loading import LoadedModel, load_model_folder
 from qdiffuse.sampling.loop import SampleRequest
+
+COST_FILE = "cost.json"
 
 
 def load_any(model: str | Path, device: str = "cpu") -> LoadedModel:
@@ -48,6 +51,7 @@ def quantize_folder(
     quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=labels, cond=cond,
              batch_size=batch_size)
     extra: dict[str, str] = {}
+    plan = None
     needs_fp = bool(config.mixed_activation_bits) or config.method == "ptqd"
     if needs_fp:
         if analysis is None:
@@ -65,6 +69,9 @@ def quantize_folder(
         if config.method == "ptqd":
             stats = measure_noise(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, cond, variant_for)
             extra[stats_relpath(stats)] = stats_json(stats)
+    from qdiffuse.eval.cost import cost_summary
+
+    extra[COST_FILE] = json.dumps(cost_summary(loaded.denoiser, plan), indent=2)
     save_quantized(loaded, out, overwrite, extra_files=extra)
     return loaded
 

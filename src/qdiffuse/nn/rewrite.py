@@ -86,7 +86,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
                 observer=observer,
                 dynamic=config.dynamic_activations,
                 split_at=splits.get(name),
-                act_variants=config.activation_variants(act_spec),
+                act_variants=config.activation_variants(name),
             )
             _set_submodule(model, name, new)
             plan.append(LayerPlan(name, cls.__name__, new.bits_label()))
@@ -99,7 +99,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
                 config.softmax_spec(),
                 observer=observer,
                 dynamic=config.dynamic_activations,
-                act_variants=config.activation_variants(formats[1]),
+                act_variants=config.activation_variants(name),
             )
             module.set_processor(processor)
             label = f"QK/AV:{formats[1].describe()} softmax:{config.softmax_spec().describe()}"

@@ -439,6 +439,22 @@ def evaluate(
             tmp.write_text(json.dumps(results, indent=2, default=float))
 
 
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Benchmark config JSON (see benchmarks/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder; finished cells are reused.")],
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Run a benchmark grid (model x scheme x method x sampler), resumable, writing JSON and Markdown."""
+    _setup(quiet)
+    from qdiffuse.bench import Bench, BenchConfig
+
+    cfg = BenchConfig.load(config)
+    Bench(cfg, out, resolve_device(device)).run()
+    typer.echo((out / "results.md").read_text())
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages and exit code 2."""
     command = typer.main.get_command(app)

@@ -1,0 +1,253 @@
+"""The benchmark harness: a grid of model × scheme × method × sampler setting, resumable cell by cell.
+
+A config (JSON) names the grid; every cell's result is written to ``OUT/cells/<key>.json`` as soon as it is
+done, so a rerun skips finished cells and an interrupted run loses at most one. Quantized models are saved once
+per (model, scheme, method) under ``OUT/models`` and reused by every sampler setting. Each quantized cell is
+compared with the FP cell of the same model and sampler setting, drawn from the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qdiffuse.config import QuantConfig
+from qdiffuse.errors import ConfigError
+from qdiffuse.fsutil import atomic_file, folder_size
+from qdiffuse.progress import progress_bar
+from qdiffuse.sampling.loop import SampleRequest, sample, to_uint8
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    sampler: str
+    steps: int
+    eta: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.sampler}{self.steps}-eta{self.eta:g}"
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    scheme: str
+    method: str
+    ptqd: dict[str, bool] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.label or f"{self.scheme}-{self.method}"
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    models: list[str]
+    samplers: list[SamplerSetting]
+    quant: list[QuantSetting]
+    num: int = 1000
+    seed: int = 0
+    guidance: float = 2.0
+    batch_size: int = 100
+    calib: dict[str, Any] = field(default_factory=dict)
+    analysis_num: int = 64
+
+    @classmethod
+    def load(cls, path: Path) -> BenchConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                name=data["name"],
+                models=list(data["models"]),
+                samplers=[SamplerSetting(**s) for s in data["samplers"]],
+                quant=[QuantSetting(**q) for q in data["quant"]],
+                num=int(data.get("num", 1000)),
+                seed=int(data.get("seed", 0)),
+                guidance=float(data.get("guidance", 2.0)),
+                batch_size=int(data.get("batch_size", 100)),
+                calib=dict(data.get("calib", {})),
+                analysis_num=int(data.get("analysis_num", 64)),
+            )
+        except FileNotFoundError:
+            raise ConfigError(f"bench config {path} does not exist") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bench config {path} is malformed ({exc}); see benchmarks/*.json") from None
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class Bench:
+    """Runs the cells of a :class:`BenchConfig` into ``out``."""
+
+    def __init__(self, config: BenchConfig, out: Path, device: str = "cpu") -> None:
+        self.config = config
+        self.out = Path(out)
+        self.device = device
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        (self.out / "models").mkdir(exist_ok=True)
+        (self.out / "samples").mkdir(exist_ok=True)
+
+    def _cell_path(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> Path:
+        q = quant.key if quant else "fp"
+        return self.out / "cells" / f"{model}__{setting.key}__{q}.json"
+
+    def _request(self, setting: SamplerSetting) -> SampleRequest:
+        return SampleRequest(
+            num=self.config.num,
+            steps=setting.steps,
+            sampler=setting.sampler,
+            eta=setting.eta,
+            seed=self.config.seed,
+            guidance=self.config.guidance,
+            batch_size=self.config.batch_size,
+        )
+
+    def _quantized_folder(self, model: str, quant: QuantSetting) -> tuple[Path, float]:
+        from qdiffuse.pipeline import quantize_folder
+
+        folder = self.out / "models" / f"{model}__{quant.scheme}-{quant.method}"
+        timing = folder.with_suffix(".time.json")
+        if folder.is_dir() and timing.is_file():
+            return folder, json.loads(timing.read_text())["seconds"]
+        config = QuantConfig.from_scheme(quant.scheme, method=quant.method, seed=self.config.seed, **self.config.calib)
+        analysis = SampleRequest(
+            num=self.config.analysis_num,
+            steps=config.calib_num_inference_steps,
+            sampler=config.calib_sampler,
+            seed=self.config.seed + 7919,
+            guidance=self.config.guidance,
+            batch_size=self.config.batch_size,
+        )
+        start = time.perf_counter()
+        quantize_folder(
+            model, folder, config, guidance=self.config.guidance, batch_size=self.config.batch_size,
+            device=self.device, overwrite=True, analysis=analysis,
+        )
+        seconds = time.perf_counter() - start
+        timing.write_text(json.dumps({"seconds": seconds}))
+        return folder, seconds
+
+    def _samples(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> tuple[Any, ...]:
+        from qdiffuse.noise.correction import PTQDOptions
+        from qdiffuse.pipeline import load_any, sampling_hooks
+
+        request = self._request(setting)
+        extra: dict[str, Any] = {}
+        if quant is None:
+            source: str | Path = model
+            loaded = load_any(model, self.device)
+            hooks: dict[str, Any] = {}
+            extra["size_bytes"] = sum(p.numel() * 4 for p in loaded.denoiser.model.state_dict().values())
+        else:
+            source, calib_seconds = self._quantized_folder(model, quant)
+            loaded = load_any(source, self.device)
+            ptqd = quant.method == "ptqd"
+            options = PTQDOptions(**quant.ptqd) if ptqd else None
+            hooks = sampling_hooks(
+                source, loaded, request, ptqd=ptqd, options=options, device=self.device
+            )
+            extra["size_bytes"] = folder_size(source)
+            extra["calibration_seconds"] = calib_seconds
+            cost = Path(source) / "cost.json"
+            if cost.is_file():
+                c = json.loads(cost.read_text())
+                extra["bops_reduction"] = c["bops_reduction"]
+        start = time.perf_counter()
+        images, labels = sample(
+            loaded.denoiser, loaded.scheduler_config, request, description=f"{model} {setting.key} "
+            f"{quant.key if quant else 'fp'}", **hooks
+        )
+        extra["sample_seconds"] = time.perf_counter() - start
+        return to_uint8(images).numpy(), None if labels is None else labels.numpy(), extra
+
+    def run_cell(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> dict[str, Any]:
+        from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples
+
+        path = self._cell_path(model, setting, quant)
+        if path.is_file():
+            return json.loads(path.read_text())
+        images, labels, extra = self._samples(model, setting, quant)
+        npz = self.out / "samples" / path.with_suffix(".npz").name
+        np.savez(npz, arr_0=images, **({"labels": labels} if labels is not None else {}))
+        metrics = evaluate_samples(images, "fmnist", labels=labels, device=self.device)
+        row: dict[str, Any] = {
+            "model": model,
+            "sampler": setting.sampler,
+            "steps": setting.steps,
+            "eta": setting.eta,
+            "quant": quant.key if quant else "FP",
+            "num": self.config.num,
+            "guidance": self.config.guidance,
+            "fid": metrics["fid"],
+            "kid": metrics.get("kid_mean"),
+            "precision": metrics.get("precision"),
+            "recall": metrics.get("recall"),
+            "label_accuracy": metrics.get("label_accuracy"),
+            **extra,
+        }
+        if quant is not None:
+            fp_npz = self.out / "samples" / self._cell_path(model, setting, None).with_suffix(".npz").name
+            fp_images = np.load(fp_npz)["arr_0"]
+            fidelity = compare_to_fp(fp_images, images, device=self.device)
+            row.update(
+                fid_to_fp=fidelity.get("fid_to_fp"),
+                psnr_to_fp=fidelity["psnr"]["mean"],
+                ssim_to_fp=fidelity["ssim"]["mean"],
+            )
+        with atomic_file(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(row, indent=2, default=float))
+        return row
+
+    def run(self) -> list[dict[str, Any]]:
+        cells = [
+            (m, s, q) for m in self.config.models for s in self.config.samplers for q in [None, *self.config.quant]
+        ]
+        rows = []
+        with progress_bar("benchmark cells", len(cells)) as bar:
+            for m, s, q in cells:
+                rows.append(self.run_cell(m, s, q))
+                bar.advance()
+        meta = {"config": self.config.name, "machine": machine(), "date": date.today().isoformat()}
+        (self.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+        (self.out / "results.md").write_text(render_table(rows, meta))
+        return rows
+
+
+def _f(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Config `{meta['config']}` on {meta['machine']}, {meta['date']}.",
+        "",
+        "| model | sampler | steps | eta | quant | N | FID | KID | label acc. | FID to FP | PSNR to FP | size (KiB) "
+        "| BOPs red. | calib. (s) | sampling (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['quant']} | {r['num']} | "
+            f"{_f(r['fid'], '.2f')} | {_f(r.get('kid'), '.4f')} | {_f(r.get('label_accuracy'), '.3f')} | "
+            f"{_f(r.get('fid_to_fp'), '.2f')} | {_f(r.get('psnr_to_fp'), '.1f')} | {r['size_bytes'] / 1024:.0f} | "
+            f"{_f(r.get('bops_reduction'), '.1f')} | {_f(r.get('calibration_seconds'), '.0f')} | "
+            f"{_f(r.get('sample_seconds'), '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Bench", "BenchConfig", "SamplerSetting", "QuantSetting", "render_table"]

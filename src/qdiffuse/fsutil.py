@@ -27,6 +27,13 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write {path}: folder {parent} is not writable; choose another output path")
 
 
+def _umask_mode(base: int) -> int:
+    """``base`` permissions as a plain mkdir/open would give them (mkdtemp/mkstemp make them private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _replace(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -46,6 +53,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output_path(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         _replace(tmp, path)
@@ -62,6 +70,7 @@ def atomic_file(path: Path, overwrite: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, _umask_mode(0o666))
     try:
         yield tmp
         _replace(tmp, path)

@@ -321,6 +321,7 @@ _LABELS = {
     "ssim": "SSIM",
     "fid_to_fp": "FID to FP",
     "class_agreement": "class agreement",
+    "fidelity": "fidelity to FP",
 }
 
 
@@ -346,17 +347,37 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(results: Result) -> str:
-    """A two-column Markdown table of a result from :func:`evaluate_samples` or :func:`compare_to_fp`.
-
-    Per-image summaries show as ``mean ± std, min``; a ``note`` is printed under the table.
-    """
-    lines = ["| metric | value |", "| --- | --- |"]
+def _rows(results: Result, prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
     for key, value in results.items():
         if key == "note":
             continue
-        lines.append(f"| {_LABELS.get(key, key)} | {_fmt(value)} |")
-    if results.get("note"):
+        label = prefix + _LABELS.get(key, key)
+        if isinstance(value, dict) and "mean" not in value:  # a nested result, e.g. compare_to_fp's
+            rows.extend(_rows(value, prefix=f"{label}: "))
+        else:
+            rows.append((label, _fmt(value)))
+    return rows
+
+
+def _notes(results: Result) -> list[str]:
+    notes = [str(results["note"])] if results.get("note") else []
+    for value in results.values():
+        if isinstance(value, dict):
+            notes.extend(n for n in _notes(value) if n not in notes)
+    return notes
+
+
+def format_table(results: Result) -> str:
+    """A two-column Markdown table of a result from :func:`evaluate_samples` or :func:`compare_to_fp`.
+
+    Per-image summaries show as ``mean ± std, min``; nested results (a ``compare_to_fp`` result stored under a
+    key of an ``evaluate_samples`` result) become prefixed rows; notes are printed under the table, once each.
+    """
+    lines = ["| metric | value |", "| --- | --- |"]
+    lines.extend(f"| {label} | {value} |" for label, value in _rows(results))
+    notes = _notes(results)
+    if notes:
         lines.append("")
-        lines.append(f"Note: {results['note']}")
+        lines.extend(f"Note: {note}" for note in notes)
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
@@ -70,3 +71,52 @@ def save_folder(model: torch.nn.Module, root: Path, meta: dict | None = None) ->
     if meta:
         (root / "qdiffuse.json").write_text(json.dumps(meta))
     return root
+
+
+# ------------------------------------------------------------------------------------- shared session folders
+
+TINY_KINDS = ("unet", "cond", "dit")
+"""Folder kinds :func:`tiny_folder` builds: a class-conditional UNet with a null class (classes 0-2, null 3),
+a text-conditional UNet with cross-attention, and a DiT (classes 0-3, null 4)."""
+
+_FOLDER_CACHE: dict[tuple, Path] = {}
+
+
+def _build(kind: str) -> tuple[torch.nn.Module, dict | None]:
+    if kind == "unet":
+        return tiny_unet(4), {"num_classes": 3, "null_class": 3}
+    if kind == "cond":
+        return tiny_cond_unet(), None
+    if kind == "dit":
+        return tiny_dit(), None
+    raise ValueError(f"unknown tiny model kind {kind!r}; use one of {TINY_KINDS}")
+
+
+def tiny_folder(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved FP pipeline folder of ``kind``, built once per test session; never modify it (copy it first)."""
+    key = ("fp", kind)
+    if key not in _FOLDER_CACHE:
+        model, meta = _build(kind)
+        _FOLDER_CACHE[key] = save_folder(model, tmp_path_factory.mktemp(f"tiny-{kind}"), meta)
+    return _FOLDER_CACHE[key]
+
+
+def tiny_quantized_folder(
+    kind: str, scheme: str, tmp_path_factory: pytest.TempPathFactory, guidance: float = 1.0
+) -> Path:
+    """``tiny_folder(kind)`` quantized with ``scheme`` (3 × 4 calibration inputs over a 4-step DDIM), built once."""
+    key = ("q", kind, scheme, guidance)
+    if key not in _FOLDER_CACHE:
+        from qdiffuse.api import quantize
+        from qdiffuse.config import QuantConfig
+        from qdiffuse.io import save_quantized
+        from qdiffuse.models.loading import load_model_folder
+        from qdiffuse.progress import set_progress_enabled
+
+        set_progress_enabled(False)
+        loaded = load_model_folder(tiny_folder(kind, tmp_path_factory))
+        config = QuantConfig.from_scheme(scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4)
+        quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance)
+        out = tmp_path_factory.mktemp(f"tiny-{kind}-{scheme}") / "q"
+        _FOLDER_CACHE[key] = save_quantized(loaded, out)
+    return _FOLDER_CACHE[key]

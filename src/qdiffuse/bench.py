@@ -103,7 +103,7 @@ class Bench:
 
     def _cell_path(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> Path:
         q = quant.key if quant else "fp"
-        return self.out / "cells" / f"{model}__{setting.key}__{q}.json"
+        return self.out / "cells" / f"{Path(model).name}__{setting.key}__{q}.json"
 
     def _request(self, setting: SamplerSetting) -> SampleRequest:
         return SampleRequest(
@@ -119,7 +119,7 @@ class Bench:
     def _quantized_folder(self, model: str, quant: QuantSetting) -> tuple[Path, float]:
         from qdiffuse.pipeline import quantize_folder
 
-        folder = self.out / "models" / f"{model}__{quant.scheme}-{quant.method}"
+        folder = self.out / "models" / f"{Path(model).name}__{quant.scheme}-{quant.method}"
         timing = folder.with_suffix(".time.json")
         if folder.is_dir() and timing.is_file():
             return folder, json.loads(timing.read_text())["seconds"]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from qdiffuse.errors import ConfigError, QDiffuseError
@@ -455,6 +454,11 @@ def bench(
     typer.echo((out / "results.md").read_text())
 
 
+def _is_a(exc: BaseException, name: str) -> bool:
+    """Match click's exception classes by name: typer bundles its own copy of them, click may be another."""
+    return any(cls.__name__ == name for cls in type(exc).__mro__)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages and exit code 2."""
     command = typer.main.get_command(app)
@@ -463,18 +467,21 @@ def main() -> None:
     except QDiffuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        print(exc.format_message() if hasattr(exc, "format_message") else "", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if _is_a(exc, "NoArgsIsHelpError"):
+            command.main(args=["--help"], prog_name="qdiffuse", standalone_mode=False)
+            sys.exit(2)
+        if _is_a(exc, "ClickException"):
+            message = " ".join(exc.format_message().split())
+            print(f"error: {message} (see qdiffuse --help)", file=sys.stderr)
+            sys.exit(2)
+        if _is_a(exc, "Abort"):
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
 
 
 if __name__ == "__main__":

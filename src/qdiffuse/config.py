@@ -117,8 +117,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if not 8 <= self.softmax_bits <= 16:
-            raise ConfigError(f"softmax_bits={self.softmax_bits} is out of range; use 8 to 16")
+        if self.softmax_bits != 8:
+            raise ConfigError(
+                f"softmax_bits={self.softmax_bits} is not supported; the softmax output uses an unsigned 8-bit grid"
+            )
         if self.mixed_activation_bits and (self.activation is None or self.activation.kind != "int"):
             raise ConfigError("mixed activation bit-widths need integer activations; use --scheme w4-mixed")
         if any(not 2 <= b <= 8 for b in self.mixed_activation_bits):
@@ -175,7 +177,7 @@ class QuantConfig:
         return {f"a{b}": replace(self.activation, bits=b) for b in sorted(self.mixed_activation_bits)}
 
     def softmax_spec(self) -> FormatSpec:
-        return FormatSpec(kind="int", bits=min(self.softmax_bits, 8), unsigned=True, symmetric=False)
+        return FormatSpec(kind="int", bits=self.softmax_bits, unsigned=True, symmetric=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

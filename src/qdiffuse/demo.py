@@ -44,6 +44,7 @@ def run_demo(
     seed: int = 0,
     runs: tuple[tuple[str, str], ...] = DEMO_RUNS,
     overwrite: bool = False,
+    calib: dict[str, Any] | None = None,
 ) -> Path:
     """Run the demo into folder ``out`` (written atomically); returns the report path."""
     from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples
@@ -69,7 +70,7 @@ def run_demo(
         )
         for scheme, method in runs:
             q = load_model_folder(model)
-            config = QuantConfig.from_scheme(scheme, method=method, seed=seed)
+            config = QuantConfig.from_scheme(scheme, method=method, seed=seed, **(calib or {}))
             start = time.perf_counter()
             quantize(q.denoiser, q.scheduler_config, config, guidance=guidance)
             calib_time = time.perf_counter() - start

@@ -216,24 +216,27 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
             keys = list(f.keys())
             fp32_bytes = 0
             for key in keys:
-                if CODES in key:
+                if CODES in key or "quantizer" in key:
                     continue
                 sl = f.get_slice(key)
                 fp32_bytes += math.prod(sl.get_shape()) * 4
     except Exception as exc:
         raise ModelLoadError(f"{folder / QUANT_WEIGHTS} is not readable ({exc})") from None
-    for entry in manifest["layers"].values():
-        fp32_bytes += sum(math.prod(s) for s in entry["shapes"]) * 4
-    return {
-        "path": str(folder),
-        "scheme": manifest["config"]["scheme"],
-        "method": manifest["config"]["method"],
-        "source": manifest.get("source"),
-        "bytes_on_disk": folder_size(folder),
-        "fp32_bytes": fp32_bytes,
-        "plan": manifest["plan"],
-        "calibration": manifest.get("calibration", {}),
-    }
+    try:
+        for entry in manifest["layers"].values():
+            fp32_bytes += sum(math.prod(s) for s in entry["shapes"]) * 4
+        return {
+            "path": str(folder),
+            "scheme": manifest["config"]["scheme"],
+            "method": manifest["config"]["method"],
+            "source": manifest.get("source"),
+            "bytes_on_disk": folder_size(folder),
+            "fp32_bytes": fp32_bytes,
+            "plan": [{"name": p["name"], "kind": p["kind"], "label": p["label"]} for p in manifest["plan"]],
+            "calibration": manifest.get("calibration", {}),
+        }
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{folder / QUANT_JSON} is malformed ({exc}); re-run qdiffuse quantize") from None
 
 
 __all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "describe_folder"]

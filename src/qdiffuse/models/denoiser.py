@@ -59,6 +59,16 @@ class Denoiser:
             num_classes = config.num_class_embeds
         num_classes = meta.get("num_classes", num_classes)
         null_class = meta.get("null_class", null_class)
+        table = _label_table_size(model, kind)
+        for what, value in (("num_classes", num_classes), ("null_class", null_class)):
+            if value is None:
+                continue
+            limit = table if what == "num_classes" else (table - 1 if table else None)
+            if not isinstance(value, int) or value < 0 or (limit is not None and value > limit):
+                raise ConfigError(
+                    f"qdiffuse.json {what}={value!r} does not fit the model's class embedding of {table} entries; "
+                    "fix qdiffuse.json"
+                )
         return cls(
             model=model,
             kind=kind,
@@ -137,6 +147,14 @@ class Denoiser:
             return raw
         eps_c, eps_u = raw.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
+
+
+def _label_table_size(model: nn.Module, kind: str) -> int | None:
+    """Entries of the class-embedding table (labels must index into it), or None without one."""
+    if kind == "dit":
+        return model.config.num_embeds_ada_norm + 1
+    embedding = getattr(model, "class_embedding", None)
+    return getattr(embedding, "num_embeddings", None)
 
 
 __all__ = ["Denoiser", "MODEL_KINDS"]

@@ -91,7 +91,7 @@ class WeightQuantizer(nn.Module):
             safe = torch.where(step > 0, step, torch.ones_like(step))
             out = torch.where(step > 0, round_e2m1(blocks / safe) * step, torch.zeros_like(blocks))
             return _unblocks(out, weight.shape)
-        if spec.granularity == "group" and spec.kind == "int":
+        if spec.granularity == "group":
             grouped = group_view(weight, spec.group_size)
             out = fake_quantize(grouped, _as_tensor_spec(spec), self.scale, self.zero_point)
             return ungroup_view(out, weight.shape)
@@ -114,7 +114,8 @@ class WeightQuantizer(nn.Module):
             values = torch.where(step > 0, round_e2m1(blocks / safe), torch.zeros_like(blocks))
             return e2m1_encode(values)
         if spec.kind.startswith("fp8"):
-            scaled = (w / self.scale).clamp(-FP8_MAX[spec.kind], FP8_MAX[spec.kind])
+            view = group_view(w, spec.group_size) if spec.granularity == "group" else w
+            scaled = (view / self.scale).clamp(-FP8_MAX[spec.kind], FP8_MAX[spec.kind])
             return scaled.to(FP8_DTYPES[spec.kind]).view(torch.uint8)
         qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
         view = group_view(w, spec.group_size) if spec.granularity == "group" else w
@@ -130,7 +131,8 @@ class WeightQuantizer(nn.Module):
             out = e2m1_decode(codes) * self._block_step()
             return _unblocks(out, shape)
         if spec.kind.startswith("fp8"):
-            return dequantize_fp8(codes.view(FP8_DTYPES[spec.kind]), self.scale)
+            values = dequantize_fp8(codes.view(FP8_DTYPES[spec.kind]), self.scale)
+            return ungroup_view(values, shape) if spec.granularity == "group" else values.reshape(shape)
         qmin, _ = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
         zp = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
         values = (codes.float() + qmin - zp) * self.scale

@@ -126,7 +126,8 @@ def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, ActivationQua
 
 
 def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every quantizer on or off (off: the model computes in full precision again)."""
+    """Switch every quantizer on or off. Off: activations and attention run in full precision; weights that were
+    hardened (every calibrated layer) keep their quantized values, so this isolates the activation error."""
     for module in model.modules():
         if isinstance(module, (QuantLayer, QuantAttnProcessor)):
             module.quant_enabled = enabled

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qdiffuse.errors import ConfigError
+from qdiffuse.errors import ConfigError, DataError
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.noise.schedule import scaled_noise
 from qdiffuse.progress import progress_bar
@@ -79,6 +79,24 @@ def stub_condition(denoiser: Denoiser, num: int) -> Tensor | None:
     return one.expand(num, -1, -1).clone()
 
 
+def check_condition(denoiser: Denoiser, cond: Tensor, num: int) -> Tensor | None:
+    """A text condition [seq, dim] or [N, seq, dim] expanded to ``num`` rows, or a one-line error."""
+    if denoiser.kind != "unet_cond":
+        raise ConfigError("--condition applies to text-conditional models (UNet2DConditionModel) only")
+    if cond.ndim == 2:
+        cond = cond.unsqueeze(0)
+    if cond.ndim != 3 or cond.shape[-1] != denoiser.cross_attention_dim:
+        raise ConfigError(
+            f"--condition has shape {tuple(cond.shape)}; expected [seq, {denoiser.cross_attention_dim}] or "
+            f"[N, seq, {denoiser.cross_attention_dim}]"
+        )
+    if cond.shape[0] == 1:
+        return cond.expand(num, -1, -1)
+    if cond.shape[0] < num:
+        raise ConfigError(f"--condition holds {cond.shape[0]} rows for {num} samples; give 1 row or at least {num}")
+    return cond[:num]
+
+
 def batch_generator(seed: int, batch_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
 
@@ -108,10 +126,7 @@ def sample(
 ) -> tuple[Tensor, Tensor | None]:
     """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels."""
     labels = resolve_labels(denoiser, request.labels, request.num)
-    if cond is None:
-        cond = stub_condition(denoiser, request.num)
-    elif cond.ndim == 2:
-        cond = cond.unsqueeze(0).expand(request.num, -1, -1)
+    cond = stub_condition(denoiser, request.num) if cond is None else check_condition(denoiser, cond, request.num)
     device = denoiser.device
     images: list[Tensor] = []
     n_batches = (request.num + request.batch_size - 1) // request.batch_size
@@ -140,6 +155,10 @@ def sample(
                 with scaled_noise(scheduler, factor):
                     x = scheduler.step(eps, t, x, **kwargs).prev_sample
                 bar.advance()
+            if not torch.isfinite(x).all():
+                raise DataError(
+                    f"the model produced NaN or inf samples (batch {b}); its weights or the quantization are broken"
+                )
             images.append(x.float().cpu())
     return torch.cat(images), labels
 

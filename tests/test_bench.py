@@ -1,0 +1,75 @@
+"""The benchmark harness end to end on a tiny 32x32 class-conditional UNet: cells, resume, tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import UNet2DModel
+from tiny_models import save_folder
+
+from qdiffuse.bench import Bench, BenchConfig
+from qdiffuse.progress import set_progress_enabled
+
+
+def tiny_32(root: Path) -> Path:
+    model = UNet2DModel(
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=11,
+    )
+    return save_folder(model, root, {"num_classes": 10, "null_class": 10})
+
+
+def test_bench_runs_cells_and_resumes(tmp_path: Path) -> None:
+    set_progress_enabled(False)
+    model = tiny_32(tmp_path / "model")
+    config_path = tmp_path / "bench.json"
+    config_path.write_text(
+        json.dumps(
+            {
+                "name": "test",
+                "models": [str(model)],
+                "samplers": [{"sampler": "ddim", "steps": 3, "eta": 0.0}],
+                "quant": [{"scheme": "w8a8", "method": "minmax"}, {"scheme": "w4a8", "method": "ptqd"}],
+                "num": 12,
+                "guidance": 2.0,
+                "batch_size": 12,
+                "analysis_num": 4,
+                "calib": {"calib_steps": 2, "calib_per_step": 4, "calib_num_inference_steps": 3},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    rows = Bench(BenchConfig.load(config_path), out).run()
+    assert [r["quant"] for r in rows] == ["FP", "w8a8-minmax", "w4a8-ptqd"]
+    for row in rows:
+        assert row["num"] == 12 and row["fid"] >= 0
+    assert rows[1]["psnr_to_fp"] > 0 and rows[2]["bops_reduction"] > 1
+    table = (out / "results.md").read_text()
+    assert "w4a8-ptqd" in table
+    cells = sorted((out / "cells").glob("*.json"))
+    assert len(cells) == 3
+    stamp = {p: p.stat().st_mtime_ns for p in cells}
+    rerun = Bench(BenchConfig.load(config_path), out).run()
+    assert rerun == rows
+    assert {p: p.stat().st_mtime_ns for p in cells} == stamp  # finished cells are not recomputed
+
+
+def test_bad_bench_config_is_a_one_line_error(tmp_path: Path) -> None:
+    import pytest
+
+    from qdiffuse.errors import ConfigError
+
+    (tmp_path / "b.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="malformed"):
+        BenchConfig.load(tmp_path / "b.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        BenchConfig.load(tmp_path / "missing.json")

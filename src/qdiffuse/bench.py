@@ -141,6 +141,18 @@ class Bench:
         timing.write_text(json.dumps({"seconds": seconds}))
         return folder, seconds
 
+    def _ensure_exact_stats(self, folder: Path, request: SampleRequest) -> None:
+        """Measure PTQD statistics for exactly this sampler setting if the folder lacks them."""
+        from dataclasses import replace
+
+        from qdiffuse.noise.pipeline import analyze_quantized
+        from qdiffuse.noise.store import find_stats, save_stats
+
+        if find_stats(folder, request)[1] == "exact":
+            return
+        analysis = replace(request, num=self.config.analysis_num, seed=self.config.seed + 7919)
+        save_stats(folder, analyze_quantized(folder, analysis, device=self.device))
+
     def _samples(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> tuple[Any, ...]:
         from qdiffuse.noise.correction import PTQDOptions
         from qdiffuse.pipeline import load_any, sampling_hooks
@@ -157,6 +169,8 @@ class Bench:
             loaded = load_any(source, self.device)
             ptqd = quant.method == "ptqd"
             options = PTQDOptions(**quant.ptqd) if ptqd else None
+            if ptqd:
+                self._ensure_exact_stats(Path(source), request)
             hooks = sampling_hooks(
                 source, loaded, request, ptqd=ptqd, options=options, device=self.device
             )

@@ -87,7 +87,9 @@ def quantize(
     scheme: Annotated[
         str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
     ] = "w8a8",
-    method: Annotated[str, typer.Option(help="minmax, mse or ptqd (mse + noise correction).")] = "minmax",
+    method: Annotated[
+        str, typer.Option(help="minmax, mse, ptqd (mse + noise correction) or qdiffusion (mse + reconstruction).")
+    ] = "minmax",
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
     calib_sampler: Annotated[str, typer.Option(help="Sampler that generates calibration data.")] = "ddim",
@@ -103,6 +105,10 @@ def quantize(
     analysis_num: Annotated[int, typer.Option(help="ptqd: trajectories for the noise statistics.")] = 64,
     analysis_eta: Annotated[float, typer.Option(help="ptqd: eta of the sampling setting analysed.")] = 0.0,
     snr_margin: Annotated[float, typer.Option(help="Mixed precision: low bits where SNR_Q >= margin*SNR_F.")] = 1.0,
+    recon_iters: Annotated[int, typer.Option(help="qdiffusion: learned-rounding iterations per block.")] = 500,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="qdiffusion: save finished blocks here and resume from them.")
+    ] = None,
     seed: int = 0,
     batch_size: int = 64,
     device: Device = "auto",
@@ -132,6 +138,8 @@ def quantize(
         calib_sampler=calib_sampler,
         calib_num_inference_steps=calib_inference_steps,
         seed=seed,
+        recon_iters=recon_iters,
+        recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
     )
     check_output_path(out, overwrite)
     label_list = parse_labels(labels)
@@ -344,9 +352,11 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for grids and report.")] = Path(
         "qdiffuse-demo"
     ),
-    model: Annotated[str, typer.Option(help="Built-in model to run on.")] = "fmnist-tiny",
-    num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 200,
+    model: Annotated[str, typer.Option(help="Built-in model (or diffusers folder) to run on.")] = "fmnist-tiny",
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 100,
     steps: int = 50,
+    guidance: float = 2.0,
+    device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -354,7 +364,10 @@ def demo(
     _setup(quiet)
     from qdiffuse.demo import run_demo
 
-    report = run_demo(out, model=model, num=num, steps=steps, overwrite=overwrite)
+    report = run_demo(
+        out, model=model, num=num, steps=steps, guidance=guidance, overwrite=overwrite, device=resolve_device(device)
+    )
+    typer.echo(report.read_text())
     typer.echo(f"wrote {report}")
 
 

@@ -6,7 +6,9 @@ Like torchao's ``quantize_``, it rewrites the model in place and returns it: the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -42,8 +44,10 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
-    Without ``calib``, calibration inputs are collected from the FP model's own sampler (time-step aware,
-    ``config.calib_steps`` × ``config.calib_per_step``), with the guidance and labels you will sample with.
+    ``config.method == "qdiffusion"`` adds block reconstruction after round-to-nearest PTQ (against an FP copy of
+    the model taken first). Without ``calib``, calibration inputs are collected from the FP model's own sampler
+    (time-step aware, ``config.calib_steps`` × ``config.calib_per_step``), with the guidance and labels you will
+    sample with.
     """
     denoiser = model if isinstance(model, Denoiser) else Denoiser.from_model(model)
     if getattr(denoiser.model, STATE_ATTR, None) is not None:
@@ -62,9 +66,23 @@ def quantize(
             batch_size=batch_size,
             cond=cond,
         )
+    fp_model = copy.deepcopy(denoiser.model) if config.method == "qdiffusion" else None
     plan = quantize_model(denoiser.model, config)
     calibrate_ptq(denoiser, calib, batch_size)
     info = {"inputs": len(calib), "guidance": guidance, "timesteps": sorted({int(t) for t in calib.t.tolist()})}
+    if fp_model is not None:
+        from qdiffuse.calibration.reconstruct import ReconstructionSettings, reconstruct
+
+        settings = ReconstructionSettings(
+            iters=config.recon_iters,
+            act_iters=config.recon_act_iters,
+            batch_size=config.recon_batch_size,
+            seed=config.seed,
+            checkpoint_dir=Path(config.recon_checkpoint_dir) if config.recon_checkpoint_dir else None,
+        )
+        results = reconstruct(fp_model, denoiser, calib, settings)
+        del fp_model
+        info["reconstruction"] = {"units": len(results), "iters": settings.iters, "act_iters": settings.act_iters}
     setattr(denoiser.model, STATE_ATTR, QuantState(config, plan, info))
     return denoiser.model
 

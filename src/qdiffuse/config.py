@@ -14,9 +14,10 @@ from typing import Any
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
 
-METHODS = ("minmax", "mse", "ptqd")
+METHODS = ("minmax", "mse", "ptqd", "qdiffusion")
 """minmax/mse: round-to-nearest PTQ with that range search. ptqd: mse ranges plus PTQD's noise statistics,
-measured at quantization time and corrected at sampling time."""
+measured at quantization time and corrected at sampling time. qdiffusion: mse ranges, then Q-Diffusion's block
+reconstruction (learned weight rounding and activation step sizes)."""
 
 
 def _int_weights(bits: int) -> FormatSpec:
@@ -96,6 +97,9 @@ class QuantConfig:
     output with its own unsigned quantizer of ``softmax_bits``).
     split_shortcuts: separate quantizers for the two halves of concatenated UNet skip inputs.
     calib_steps / calib_per_step: time-step-aware calibration counts (steps evenly spaced over the sampler).
+    recon_iters / recon_act_iters / recon_batch_size: ``qdiffusion`` block reconstruction (learned-rounding and
+    step-size iterations per block, calibration rows per iteration); recon_checkpoint_dir: folder where finished
+    blocks are written and a rerun resumes from (None: no checkpoints).
     """
 
     scheme: str
@@ -113,6 +117,10 @@ class QuantConfig:
     calib_sampler: str = "ddim"
     calib_num_inference_steps: int = 50
     seed: int = 0
+    recon_iters: int = 500
+    recon_act_iters: int = 200
+    recon_batch_size: int = 32
+    recon_checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -127,6 +135,10 @@ class QuantConfig:
             raise ConfigError(f"mixed activation bits {self.mixed_activation_bits} out of range; use 2 to 8")
         if self.calib_steps < 1 or self.calib_per_step < 1:
             raise ConfigError("calibration counts must be positive; use e.g. --calib-steps 20 --calib-per-step 32")
+        if self.recon_iters < 0 or self.recon_act_iters < 0 or self.recon_batch_size < 1:
+            raise ConfigError(
+                "reconstruction needs iterations >= 0 and a positive batch size; use e.g. --recon-iters 500"
+            )
 
     @classmethod
     def from_scheme(
@@ -154,7 +166,7 @@ class QuantConfig:
     @property
     def observer(self) -> str:
         """Range search used for weights and activations."""
-        return "mse" if self.method == "ptqd" else self.method
+        return "mse" if self.method in ("ptqd", "qdiffusion") else self.method
 
     def rule_for(self, layer_name: str) -> LayerRule | None:
         """The first rule matching ``layer_name`` (None: the layer follows the main scheme)."""

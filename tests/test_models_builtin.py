@@ -121,6 +121,14 @@ def test_train_writes_a_diffusers_folder(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="already exists"):
         train_diffusion("fmnist-tiny", str(data), out, 1, 2, 1e-3, "cpu", 0, progress=False)
 
+    more = train_diffusion(
+        "fmnist-tiny", str(data), tmp_path / "more", 1, 2, 1e-3, "cpu", 0, progress=False, init_from=out
+    )
+    meta = json.loads((more / "qdiffuse.json").read_text())
+    assert meta["steps"] == 4 and [s["steps"] for s in meta["stages"]] == [3, 1]
+    with pytest.raises(ConfigError, match="different architecture"):
+        train_diffusion("fmnist-ddpm", str(data), tmp_path / "x", 1, 2, 1e-3, "cpu", 0, init_from=out)
+
 
 def test_train_dit_with_in_memory_dataset(tmp_path: Path) -> None:
     from diffusers import DiTTransformer2DModel

@@ -142,13 +142,14 @@ def build_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**scheduler_config())
 
 
-def prepare_for_training(model: ModelMixin) -> None:
-    """Make a freshly built model ready for training from scratch.
+def prepare_for_training(model: ModelMixin, reinitialise: bool = True) -> None:
+    """Make a built model ready for training (``reinitialise=False``: continue from its current weights).
 
     For the DiT this (1) disables diffusers' per-block random label dropout so the trainer controls CFG
     dropout, and (2) applies the DiT paper's adaLN-Zero initialisation (modulations and output projection
     start at zero, so every block starts as the identity), which diffusers leaves at PyTorch defaults;
-    training is markedly more stable with it. UNets need nothing.
+    training is markedly more stable with it. UNets need nothing. Label dropout must be switched off again
+    after every ``from_pretrained``, because it is not part of the saved config.
     """
     if not isinstance(model, DiTTransformer2DModel):
         return
@@ -157,7 +158,10 @@ def prepare_for_training(model: ModelMixin) -> None:
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0
-            torch.nn.init.normal_(module.embedding_table.weight, std=0.02)
+            if reinitialise:
+                torch.nn.init.normal_(module.embedding_table.weight, std=0.02)
+    if not reinitialise:
+        return
     with torch.no_grad():
         for block in model.transformer_blocks:
             torch.nn.init.zeros_(block.norm1.linear.weight)

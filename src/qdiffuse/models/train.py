@@ -3,15 +3,17 @@
 The result is a diffusers pipeline folder, so the models we ship are ordinary diffusers models::
 
     out_dir/
-      model_index.json      as DDPMPipeline.save_pretrained writes it (DiT: a DiTPipeline index without a VAE)
+      model_index.json      as DDPMPipeline.save_pretrained writes it (DiT: a DiTPipeline index without a VAE,
+                            loadable with ``DiffusionPipeline.from_pretrained(folder, vae=None)``; the DiT works
+                            in pixel space, so DiTPipeline's latent decoding does not apply)
       unet/ or transformer/ config.json + diffusion_pytorch_model.safetensors (EMA weights, fp16)
       scheduler/            DDPMScheduler config
       qdiffuse.json         what a sampler needs to know: classes, null class, image size, value range, recipe
       train_log.json        loss curve
       README.md             model card
 
-The weights are stored in fp16 to keep the wheel small; load them with ``torch_dtype=torch.float32`` for CPU
-use.
+The weights are stored in fp16 to keep the wheel small; ``from_pretrained`` upcasts them to float32 unless
+``torch_dtype`` asks otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
-from qdiffuse.errors import ConfigError, DataError, OutputError
+from qdiffuse.errors import ConfigError, DataError, ModelLoadError, OutputError
 from qdiffuse.models.architectures import (
     IMAGE_SIZE,
     IN_CHANNELS,
@@ -62,11 +64,12 @@ class Recipe:
     ema_decay: float = 0.999
 
 
-#: Default recipes per model name and hardware ("cpu" or "gpu"). The CPU recipes fit a 2-core machine in well
-#: under an hour; the GPU recipes are what a single modern GPU trains in minutes.
+#: Default recipes per model name and hardware ("cpu" or "gpu"). The fmnist-tiny and fmnist-dit CPU recipes take
+#: about an hour on 2 cores; fmnist-ddpm is meant for a GPU (its CPU recipe takes hours). The GPU recipes are
+#: sized for a single modern GPU.
 RECIPES: dict[str, dict[str, Recipe]] = {
     "fmnist-tiny": {
-        "cpu": Recipe(steps=1500, batch_size=64, lr=2e-3, ema_decay=0.995),
+        "cpu": Recipe(steps=1800, batch_size=64, lr=1.5e-3, ema_decay=0.998),
         "gpu": Recipe(steps=20_000, batch_size=128, lr=1e-3, ema_decay=0.9995),
     },
     "fmnist-ddpm": {
@@ -74,7 +77,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "gpu": Recipe(steps=40_000, batch_size=128, lr=5e-4, ema_decay=0.9995),
     },
     "fmnist-dit": {
-        "cpu": Recipe(steps=3000, batch_size=64, lr=1e-3, ema_decay=0.995),
+        "cpu": Recipe(steps=3500, batch_size=64, lr=8e-4, ema_decay=0.998),
         "gpu": Recipe(steps=40_000, batch_size=128, lr=3e-4, ema_decay=0.9995),
     },
 }
@@ -110,7 +113,8 @@ def _hardware(dev: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU: {cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -118,7 +122,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} is a file; choose a folder path that does not exist")
     if out_dir.exists() and not overwrite:
-        raise OutputError(f"output folder {out_dir} already exists; choose another path or pass overwrite")
+        raise OutputError(f"output folder {out_dir} already exists; choose another path or pass --overwrite")
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -174,8 +178,65 @@ def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _stages_text(meta: dict[str, Any]) -> str:
+    stages = meta.get("stages", [])
+    if len(stages) < 2:
+        return ""
+    parts = [
+        f"{s['steps']} × batch {s['batch_size']} at lr {s['lr']} ({s['wall_time_s'] / 60:.1f} min)" for s in stages
+    ]
+    return f" in {len(stages)} stages: " + ", then ".join(parts)
+
+
+def _load_for_continuing(name: str, folder: Path) -> tuple[ModelMixin, list[dict[str, Any]]]:
+    """Weights (fp32) and training history of a folder written by :func:`train_diffusion` for ``name``."""
+    sub = model_subfolder(name)
+    if not (folder / sub / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no {sub}/config.json; pass a folder written by `qdiffuse train {name}`")
+    reference = build_model(name).config
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        model = model_class(name).from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {folder / sub} ({exc}); pass a folder written by `qdiffuse train`") from exc
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    def plain(value: Any) -> Any:  # saved configs hold lists where constructors were given tuples
+        return json.loads(json.dumps(value))
+
+    differing = [
+        k for k, v in reference.items() if not k.startswith("_") and plain(model.config.get(k)) != plain(v)
+    ]
+    if differing:
+        raise ConfigError(
+            f"{folder} holds a different architecture than {name} ({', '.join(differing[:3])}); "
+            f"continue it with the model name it was trained as"
+        )
+    prepare_for_training(model, reinitialise=False)
+    previous: list[dict[str, Any]] = []
+    meta_path = folder / META_FILE
+    if meta_path.is_file():
+        try:
+            previous = list(json.loads(meta_path.read_text()).get("stages", []))
+        except (json.JSONDecodeError, AttributeError):
+            previous = []
+    return model, previous
+
+
+def _prepend_log(folder: Path, log: dict[str, Any]) -> dict[str, Any]:
+    """Keep the loss curve of the stages a continued run started from, so the log covers the whole training."""
+    try:
+        before = json.loads((folder / "train_log.json").read_text())
+        merged = {key: [*before[key], *log[key]] for key in ("step", "loss", "lr")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return log
+    return {**log, **merged}
+
+
 def _model_card(meta: dict[str, Any]) -> str:
     classes = ", ".join(f"{i} {c}" for i, c in enumerate(FMNIST_CLASSES))
+    last = " (last stage)" if len(meta.get("stages", [])) > 1 else ""
     return f"""# {meta["name"]}
 
 Class-conditional diffusion model (`{meta["model_class"]}`) trained from scratch on Fashion-MNIST
@@ -185,10 +246,10 @@ Class-conditional diffusion model (`{meta["model_class"]}`) trained from scratch
 - Classes: {classes}
 - Null class {NULL_CLASS} for classifier-free guidance (labels dropped with p={meta["cond_drop"]})
 - Objective: ε-prediction, DDPM schedule with 1000 linear betas 1e-4…0.02
-- Steps: {meta["steps"]}
-- Batch: {meta["batch_size"]}
-- Optimiser: AdamW, lr {meta["lr"]}, {meta["warmup_steps"]} warm-up steps, {meta["lr_schedule"]} schedule
-- EMA decay: {meta["ema_decay"]}
+- Steps: {meta["steps"]}{_stages_text(meta)}
+- Batch: {meta["batch_size"]}{last}
+- Optimiser{last}: AdamW, lr {meta["lr"]}, {meta["warmup_steps"]} warm-up steps, {meta["lr_schedule"]} schedule
+- EMA decay{last}: {meta["ema_decay"]}
 - Wall time: {meta["wall_time_s"] / 60:.1f} min
 - Hardware: {meta["hardware"]}
 - Recipe: {meta["recipe"]}
@@ -281,6 +342,7 @@ def train_diffusion(
     log_every: int = 50,
     recipe: str | None = None,
     dataset: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train built-in model ``name`` on Fashion-MNIST and write a diffusers folder to ``out_dir``; return it.
 
@@ -292,7 +354,8 @@ def train_diffusion(
     written to the model card ("CPU recipe"/"GPU recipe"; default from the device). ``dataset`` =
     ``(images [N,1,32,32] in [-1,1], labels int64 [N])`` replaces the files, for tests and custom data. The
     folder is built next to ``out_dir`` and renamed into place only when complete; an existing ``out_dir`` is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. ``init_from`` continues training from the weights of a folder this function
+    wrote for the same model (e.g. to train a CPU model further); its earlier stages are kept in the card.
     """
     if name not in MODEL_NAMES:
         raise ConfigError(f"unknown built-in model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -304,6 +367,14 @@ def train_diffusion(
     _check_out_dir(out_dir, overwrite)
     warmup = min(500, max(1, steps // 20)) if warmup_steps is None else max(1, int(warmup_steps))
 
+    torch.manual_seed(seed)
+    previous: list[dict[str, Any]] = []
+    if init_from is None:
+        model = build_model(name)
+        prepare_for_training(model)
+    else:
+        model, previous = _load_for_continuing(name, Path(init_from).expanduser())
+
     if dataset is None:
         images, labels = load_fmnist("train", data_dir)
         data_source = str(resolve_data_dir(data_dir))
@@ -313,11 +384,7 @@ def train_diffusion(
     _check_dataset(images, labels)
     images, labels = images.to(dev), labels.to(dev)
     n = images.shape[0]
-
-    torch.manual_seed(seed)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    model = build_model(name)
-    prepare_for_training(model)
     # channels_last lets oneDNN/cuDNN pick their fast convolution paths (≈1.3× per step on CPU).
     model = model.to(dev, memory_format=torch.channels_last).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -428,7 +495,7 @@ def train_diffusion(
         "dataset": "Fashion-MNIST" if dataset is None else "custom",
         "data_source": data_source,
         "num_train_images": n,
-        "steps": steps,
+        "steps": steps + sum(stage["steps"] for stage in previous),
         "batch_size": batch_size,
         "lr": lr,
         "warmup_steps": warmup,
@@ -436,7 +503,7 @@ def train_diffusion(
         "cond_drop": cond_drop,
         "ema_decay": ema_decay,
         "seed": seed,
-        "wall_time_s": round(wall, 1),
+        "wall_time_s": round(wall + sum(stage["wall_time_s"] for stage in previous), 1),
         "hardware": _hardware(dev),
         "recipe": recipe or ("GPU recipe" if dev.type == "cuda" else "CPU recipe"),
         "parameters": n_params,
@@ -445,8 +512,19 @@ def train_diffusion(
         "diffusers_version": diffusers.__version__,
         "fp_fid": None,
     }
-    log = {"name": name, "log_every": log_every, "step": log_steps, "loss": log_loss, "lr": log_lr,
-           "wall_time_s": round(wall, 1)}
+    stage = {k: meta[k] for k in ("batch_size", "lr", "warmup_steps", "lr_schedule", "ema_decay", "hardware")}
+    meta["stages"] = [*previous, {"steps": steps, "wall_time_s": round(wall, 1), **stage}]
+    done_before = sum(stage["steps"] for stage in previous)
+    log = {
+        "name": name,
+        "log_every": log_every,
+        "step": [s + done_before for s in log_steps],
+        "loss": log_loss,
+        "lr": log_lr,
+        "wall_time_s": meta["wall_time_s"],
+    }
+    if init_from is not None:
+        log = _prepend_log(Path(init_from).expanduser(), log)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():

@@ -45,6 +45,14 @@ def parse_labels(text: str | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def check_sampler(name: str, flag: str) -> None:
+    """Reject an unknown sampler name before any model is loaded."""
+    from qdiffuse.sampling.schedulers import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown {flag} {name!r}; use one of {', '.join(SAMPLERS)}")
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -121,10 +129,8 @@ def quantize(
     from qdiffuse.fsutil import check_output_path
     from qdiffuse.pipeline import quantize_folder
     from qdiffuse.sampling.loop import SampleRequest
-    from qdiffuse.sampling.schedulers import SAMPLERS
 
-    if calib_sampler not in SAMPLERS:
-        raise ConfigError(f"unknown --calib-sampler {calib_sampler!r}; use one of {', '.join(SAMPLERS)}")
+    check_sampler(calib_sampler, "--calib-sampler")
     config = QuantConfig.from_scheme(
         scheme,
         method=method,
@@ -203,10 +209,8 @@ def sample(
     from qdiffuse.noise.correction import PTQDOptions
     from qdiffuse.pipeline import load_any, sampling_hooks
     from qdiffuse.sampling.loop import SampleRequest, to_uint8
-    from qdiffuse.sampling.schedulers import SAMPLERS
 
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    check_sampler(sampler, "--sampler")
     request = SampleRequest(
         num=num,
         steps=steps,
@@ -268,12 +272,10 @@ def analyze(
     from qdiffuse.noise.store import save_stats
     from qdiffuse.sampling.loop import SampleRequest
     from qdiffuse.sampling.loop import sample as run_sample
-    from qdiffuse.sampling.schedulers import SAMPLERS
 
     if not is_quantized_folder(folder):
         raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    check_sampler(sampler, "--sampler")
     check_output_path(out, overwrite)
     device = resolve_device(device)
     request = SampleRequest(

@@ -73,3 +73,51 @@ def test_bad_bench_config_is_a_one_line_error(tmp_path: Path) -> None:
         BenchConfig.load(tmp_path / "b.json")
     with pytest.raises(ConfigError, match="does not exist"):
         BenchConfig.load(tmp_path / "missing.json")
+
+
+def test_per_setting_config_and_reconstruction_with_ptqd(tmp_path: Path) -> None:
+    """A setting's own QuantConfig fields get their own model folder; qdiffusion+ptqd stores noise statistics."""
+    set_progress_enabled(False)
+    model = tiny_32(tmp_path / "model")
+    config_path = tmp_path / "bench.json"
+    fast = {"recon_iters": 2, "recon_act_iters": 1, "recon_batch_size": 4}
+    no_rounding = {**fast, "recon_iters": 0}
+    config_path.write_text(
+        json.dumps(
+            {
+                "name": "test",
+                "models": [str(model)],
+                "samplers": [{"sampler": "ddim", "steps": 3, "eta": 1.0}],
+                "quant": [
+                    {"scheme": "w4a8", "method": "qdiffusion+ptqd", "label": "w4a8-qp-it2", "config": fast},
+                    {"scheme": "w4a8", "method": "qdiffusion", "label": "w4a8-q-it0", "config": no_rounding},
+                ],
+                "num": 8,
+                "batch_size": 8,
+                "analysis_num": 4,
+                "calib": {"calib_steps": 2, "calib_per_step": 4, "calib_num_inference_steps": 3},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    rows = Bench(BenchConfig.load(config_path), out).run()
+    assert [r["quant"] for r in rows] == ["FP", "w4a8-qp-it2", "w4a8-q-it0"]
+    with_ptqd, plain = out / "models" / "model__w4a8-qp-it2", out / "models" / "model__w4a8-q-it0"
+    assert list((with_ptqd / "noise").glob("ddim-3-eta1*.json")) and not (plain / "noise").exists()
+    manifests = [json.loads((f / "quantization.json").read_text()) for f in (with_ptqd, plain)]
+    assert [m["config"]["recon_iters"] for m in manifests] == [2, 0]
+
+
+def test_per_setting_config_is_checked(tmp_path: Path) -> None:
+    import pytest
+
+    from qdiffuse.errors import ConfigError
+
+    base = {"name": "b", "models": ["m"], "samplers": [{"sampler": "ddim", "steps": 3}]}
+    for quant, match in (
+        ({"scheme": "w4a8", "method": "qdiffusion", "config": {"recon_iters": 5}}, "needs a 'label'"),
+        ({"scheme": "w4a8", "method": "mse", "label": "x", "config": {"recon_iter": 5}}, "unknown config fields"),
+    ):
+        (tmp_path / "b.json").write_text(json.dumps({**base, "quant": [quant]}))
+        with pytest.raises(ConfigError, match=match):
+            BenchConfig.load(tmp_path / "b.json")

@@ -141,6 +141,22 @@ def test_fake_quant_int_matches_quantize_dequantize(dtype: torch.dtype) -> None:
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quant_int_inference_path_equals_the_differentiable_one(symmetric: bool) -> None:
+    """Sampling takes an in-place path when no gradient is needed; it must give the STE path's exact values."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 6, 6) * torch.rand(8, 1, 1, 1) * 10
+    original = x.clone()
+    qmin, qmax = int_bounds(4, symmetric)
+    amin, amax = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    for scale, zp in (int_qparams(x.min(), x.max(), 4, symmetric), int_qparams(amin, amax, 4, symmetric)):
+        with torch.no_grad():
+            fast = fake_quant_int(x, scale, zp, qmin, qmax)
+        slow = fake_quant_int(x.clone().requires_grad_(True), scale, zp, qmin, qmax)
+        assert torch.equal(fast, slow.detach())
+    assert torch.equal(x, original)  # the in-place path works on its own copy
+
+
 # ------------------------------------------------------------------------------------------------ fp8
 
 

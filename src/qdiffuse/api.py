@@ -44,10 +44,10 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
-    ``config.method == "qdiffusion"`` adds block reconstruction after round-to-nearest PTQ (against an FP copy of
-    the model taken first). Without ``calib``, calibration inputs are collected from the FP model's own sampler
-    (time-step aware, ``config.calib_steps`` × ``config.calib_per_step``), with the guidance and labels you will
-    sample with.
+    Reconstructing methods (``qdiffusion``, ``qdiffusion+ptqd``) add block reconstruction after round-to-nearest
+    PTQ (against an FP copy of the model taken first). Without ``calib``, calibration inputs are collected from the
+    FP model's own sampler (time-step aware, ``config.calib_steps`` × ``config.calib_per_step``), with the guidance
+    and labels you will sample with.
     """
     denoiser = model if isinstance(model, Denoiser) else Denoiser.from_model(model)
     if getattr(denoiser.model, STATE_ATTR, None) is not None:
@@ -66,7 +66,7 @@ def quantize(
             batch_size=batch_size,
             cond=cond,
         )
-    fp_model = copy.deepcopy(denoiser.model) if config.method == "qdiffusion" else None
+    fp_model = copy.deepcopy(denoiser.model) if config.reconstructs else None
     plan = quantize_model(denoiser.model, config)
     calibrate_ptq(denoiser, calib, batch_size)
     info = {"inputs": len(calib), "guidance": guidance, "timesteps": sorted({int(t) for t in calib.t.tolist()})}

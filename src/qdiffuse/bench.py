@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,31 @@ class QuantSetting:
     method: str
     ptqd: dict[str, bool] = field(default_factory=dict)
     label: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    """QuantConfig fields for this setting only (e.g. ``recon_iters``), over the grid's ``calib``."""
+
+    def __post_init__(self) -> None:
+        if self.config and not self.label:
+            raise ConfigError(f"bench quant setting {self.scheme}-{self.method} with 'config' needs a 'label'")
+        unknown = set(self.config) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(self.config))
+        if unknown:
+            raise ConfigError(
+                f"bench quant setting {self.key}: unknown config fields {sorted(unknown)}; use QuantConfig fields "
+                "such as recon_iters"
+            )
 
     @property
     def key(self) -> str:
         return self.label or f"{self.scheme}-{self.method}"
+
+    @property
+    def model_key(self) -> str:
+        """Settings that differ only in sampling-time options (PTQD ablations) share one quantized model."""
+        return self.label if self.config else f"{self.scheme}-{self.method}"
+
+    @property
+    def corrects_noise(self) -> bool:
+        return self.method in ("ptqd", "qdiffusion+ptqd")
 
 
 @dataclass
@@ -119,11 +140,13 @@ class Bench:
     def _quantized_folder(self, model: str, quant: QuantSetting) -> tuple[Path, float]:
         from qdiffuse.pipeline import quantize_folder
 
-        folder = self.out / "models" / f"{Path(model).name}__{quant.scheme}-{quant.method}"
+        folder = self.out / "models" / f"{Path(model).name}__{quant.model_key}"
         timing = folder.with_suffix(".time.json")
         if folder.is_dir() and timing.is_file():
             return folder, json.loads(timing.read_text())["seconds"]
-        config = QuantConfig.from_scheme(quant.scheme, method=quant.method, seed=self.config.seed, **self.config.calib)
+        config = QuantConfig.from_scheme(
+            quant.scheme, method=quant.method, seed=self.config.seed, **{**self.config.calib, **quant.config}
+        )
         analysis = SampleRequest(
             num=self.config.analysis_num,
             steps=config.calib_num_inference_steps,
@@ -167,7 +190,7 @@ class Bench:
         else:
             source, calib_seconds = self._quantized_folder(model, quant)
             loaded = load_any(source, self.device)
-            ptqd = quant.method == "ptqd"
+            ptqd = quant.corrects_noise
             options = PTQDOptions(**quant.ptqd) if ptqd else None
             if ptqd:
                 self._ensure_exact_stats(Path(source), request)

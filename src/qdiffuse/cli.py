@@ -96,7 +96,11 @@ def quantize(
         str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
     ] = "w8a8",
     method: Annotated[
-        str, typer.Option(help="minmax, mse, ptqd (mse + noise correction) or qdiffusion (mse + reconstruction).")
+        str,
+        typer.Option(
+            help="minmax, mse, ptqd (mse + noise correction), qdiffusion (mse + reconstruction) or "
+            "qdiffusion+ptqd (both)."
+        ),
     ] = "minmax",
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
@@ -114,6 +118,10 @@ def quantize(
     analysis_eta: Annotated[float, typer.Option(help="ptqd: eta of the sampling setting analysed.")] = 0.0,
     snr_margin: Annotated[float, typer.Option(help="Mixed precision: low bits where SNR_Q >= margin*SNR_F.")] = 1.0,
     recon_iters: Annotated[int, typer.Option(help="qdiffusion: learned-rounding iterations per block.")] = 500,
+    recon_act_iters: Annotated[
+        int, typer.Option(help="qdiffusion: activation step-size iterations per block (0: keep the ranges).")
+    ] = 200,
+    recon_batch_size: Annotated[int, typer.Option(help="qdiffusion: calibration rows per iteration.")] = 32,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="qdiffusion: save finished blocks here and resume from them.")
     ] = None,
@@ -145,6 +153,8 @@ def quantize(
         calib_num_inference_steps=calib_inference_steps,
         seed=seed,
         recon_iters=recon_iters,
+        recon_act_iters=recon_act_iters,
+        recon_batch_size=recon_batch_size,
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
     )
     check_output_path(out, overwrite)
@@ -189,7 +199,7 @@ def sample(
     grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid.")] = None,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
     ptqd: Annotated[
-        bool | None, typer.Option("--ptqd/--no-ptqd", help="PTQD corrections (default: on for --method ptqd).")
+        bool | None, typer.Option("--ptqd/--no-ptqd", help="PTQD corrections (default: on for ptqd methods).")
     ] = None,
     no_k: Annotated[bool, typer.Option("--no-k-correction", help="Ablation: keep the correlated part.")] = False,
     no_bias: Annotated[bool, typer.Option("--no-bias-correction", help="Ablation: keep the bias.")] = False,

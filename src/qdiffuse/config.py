@@ -14,10 +14,11 @@ from typing import Any
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
 
-METHODS = ("minmax", "mse", "ptqd", "qdiffusion")
+METHODS = ("minmax", "mse", "ptqd", "qdiffusion", "qdiffusion+ptqd")
 """minmax/mse: round-to-nearest PTQ with that range search. ptqd: mse ranges plus PTQD's noise statistics,
 measured at quantization time and corrected at sampling time. qdiffusion: mse ranges, then Q-Diffusion's block
-reconstruction (learned weight rounding and activation step sizes)."""
+reconstruction (learned weight rounding and activation step sizes). qdiffusion+ptqd: PTQD's statistics and
+corrections on top of the reconstructed model (the residual noise is what reconstruction could not remove)."""
 
 
 def _int_weights(bits: int) -> FormatSpec:
@@ -166,7 +167,17 @@ class QuantConfig:
     @property
     def observer(self) -> str:
         """Range search used for weights and activations."""
-        return "mse" if self.method in ("ptqd", "qdiffusion") else self.method
+        return self.method if self.method in ("minmax", "mse") else "mse"
+
+    @property
+    def reconstructs(self) -> bool:
+        """Block reconstruction after round-to-nearest PTQ."""
+        return self.method in ("qdiffusion", "qdiffusion+ptqd")
+
+    @property
+    def corrects_noise(self) -> bool:
+        """PTQD statistics measured at quantization time, corrections applied at sampling time."""
+        return self.method in ("ptqd", "qdiffusion+ptqd")
 
     def rule_for(self, layer_name: str) -> LayerRule | None:
         """The first rule matching ``layer_name`` (None: the layer follows the main scheme)."""

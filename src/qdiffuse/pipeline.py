@@ -52,7 +52,7 @@ def quantize_folder(
              batch_size=batch_size)
     extra: dict[str, str] = {}
     plan = None
-    needs_fp = bool(config.mixed_activation_bits) or config.method == "ptqd"
+    needs_fp = bool(config.mixed_activation_bits) or config.corrects_noise
     if needs_fp:
         if analysis is None:
             raise ConfigError("mixed precision and ptqd need an analysis sampling setting")
@@ -66,7 +66,7 @@ def quantize_folder(
             plan = choose_precision(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, snr_margin, cond)
             extra[PLAN_FILE] = plan.to_json()
             variant_for = plan.variant_for
-        if config.method == "ptqd":
+        if config.corrects_noise:
             stats = measure_noise(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, cond, variant_for)
             extra[stats_relpath(stats)] = stats_json(stats)
     from qdiffuse.eval.cost import cost_summary
@@ -89,7 +89,8 @@ def sampling_hooks(
 ) -> dict[str, Any]:
     """Hooks for ``sample``: the per-step precision plan and PTQD corrections of a quantized folder.
 
-    ``ptqd=None`` applies PTQD when the folder was made with ``--method ptqd``.
+    ``ptqd=None`` applies PTQD when the folder was made with a noise-correcting method (``ptqd``,
+    ``qdiffusion+ptqd``).
     """
     from qdiffuse.noise.correction import PTQDOptions
     from qdiffuse.noise.pipeline import corrector_for
@@ -102,7 +103,7 @@ def sampling_hooks(
         if plan is not None:
             hooks["on_step"] = PlanSwitcher(plan, loaded.denoiser.model).on_step
     if ptqd is None:
-        ptqd = state is not None and state.config.method == "ptqd"
+        ptqd = state is not None and state.config.corrects_noise
     if ptqd:
         if state is None:
             raise ConfigError("--ptqd needs a quantized model folder; run qdiffuse quantize first")

@@ -53,6 +53,7 @@ def test_bench_runs_cells_and_resumes(tmp_path: Path) -> None:
     for row in rows:
         assert row["num"] == 12 and row["fid"] >= 0
     assert rows[1]["psnr_to_fp"] > 0 and rows[2]["bops_reduction"] > 1
+    assert rows[1]["calibration_seconds"] > 0 and rows[1]["calibration_peak_mib"] > 0
     table = (out / "results.md").read_text()
     assert "w4a8-ptqd" in table
     cells = sorted((out / "cells").glob("*.json"))

@@ -137,13 +137,15 @@ class Bench:
             batch_size=self.config.batch_size,
         )
 
-    def _quantized_folder(self, model: str, quant: QuantSetting) -> tuple[Path, float]:
+    def _quantized_folder(self, model: str, quant: QuantSetting) -> tuple[Path, dict[str, Any]]:
+        """The quantized folder of ``quant`` (made once) and its calibration cost: seconds and peak memory."""
+        from qdiffuse.memory import PeakMemory
         from qdiffuse.pipeline import quantize_folder
 
         folder = self.out / "models" / f"{Path(model).name}__{quant.model_key}"
         timing = folder.with_suffix(".time.json")
         if folder.is_dir() and timing.is_file():
-            return folder, json.loads(timing.read_text())["seconds"]
+            return folder, json.loads(timing.read_text())
         config = QuantConfig.from_scheme(
             quant.scheme, method=quant.method, seed=self.config.seed, **{**self.config.calib, **quant.config}
         )
@@ -156,13 +158,14 @@ class Bench:
             batch_size=self.config.batch_size,
         )
         start = time.perf_counter()
-        quantize_folder(
-            model, folder, config, guidance=self.config.guidance, batch_size=self.config.batch_size,
-            device=self.device, overwrite=True, analysis=analysis,
-        )
-        seconds = time.perf_counter() - start
-        timing.write_text(json.dumps({"seconds": seconds}))
-        return folder, seconds
+        with PeakMemory(self.device) as peak:
+            quantize_folder(
+                model, folder, config, guidance=self.config.guidance, batch_size=self.config.batch_size,
+                device=self.device, overwrite=True, analysis=analysis,
+            )
+        cost = {"seconds": time.perf_counter() - start, "peak_mib": peak.mib}
+        timing.write_text(json.dumps(cost))
+        return folder, cost
 
     def _ensure_exact_stats(self, folder: Path, request: SampleRequest) -> None:
         """Measure PTQD statistics for exactly this sampler setting if the folder lacks them."""
@@ -188,7 +191,7 @@ class Bench:
             hooks: dict[str, Any] = {}
             extra["size_bytes"] = sum(p.numel() * 4 for p in loaded.denoiser.model.state_dict().values())
         else:
-            source, calib_seconds = self._quantized_folder(model, quant)
+            source, calib_cost = self._quantized_folder(model, quant)
             loaded = load_any(source, self.device)
             ptqd = quant.corrects_noise
             options = PTQDOptions(**quant.ptqd) if ptqd else None
@@ -198,7 +201,8 @@ class Bench:
                 source, loaded, request, ptqd=ptqd, options=options, device=self.device
             )
             extra["size_bytes"] = folder_size(source)
-            extra["calibration_seconds"] = calib_seconds
+            extra["calibration_seconds"] = calib_cost["seconds"]
+            extra["calibration_peak_mib"] = calib_cost.get("peak_mib")
             cost = Path(source) / "cost.json"
             if cost.is_file():
                 c = json.loads(cost.read_text())
@@ -273,8 +277,8 @@ def render_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Config `{meta['config']}` on {meta['machine']}, {meta['date']}.",
         "",
         "| model | sampler | steps | eta | quant | N | FID | KID | label acc. | FID to FP | PSNR to FP | size (KiB) "
-        "| BOPs red. | calib. (s) | sampling (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| BOPs red. | calib. (s) | calib. peak (MiB) | sampling (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -282,7 +286,7 @@ def render_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_f(r['fid'], '.2f')} | {_f(r.get('kid'), '.4f')} | {_f(r.get('label_accuracy'), '.3f')} | "
             f"{_f(r.get('fid_to_fp'), '.2f')} | {_f(r.get('psnr_to_fp'), '.1f')} | {r['size_bytes'] / 1024:.0f} | "
             f"{_f(r.get('bops_reduction'), '.1f')} | {_f(r.get('calibration_seconds'), '.0f')} | "
-            f"{_f(r.get('sample_seconds'), '.0f')} |"
+            f"{_f(r.get('calibration_peak_mib'), '.0f')} | {_f(r.get('sample_seconds'), '.0f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ as in a real process); one test runs the real ``python -m qdiffuse.cli`` in a su
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -167,6 +168,26 @@ def test_quantize_sample_info(
     assert n_layers == len(lines) - lines.index(next(x for x in lines if x.startswith("layers:"))) - 1
 
 
+def test_reconstruction_with_ptqd_end_to_end(folders: dict[str, Path], tmp_path: Path, run: Callable) -> None:
+    """qdiffusion+ptqd: reconstruction settings reach the manifest, statistics are stored, sampling corrects."""
+    qfolder = tmp_path / "q"
+    recon = ("--recon-iters", 3, "--recon-act-iters", 2, "--recon-batch-size", 4, "--recon-beta", "10,1")
+    res = run(
+        "quantize", folders["unet"], "--out", qfolder, "--scheme", "w4a8", "--method", "qdiffusion+ptqd",
+        *CALIB, *recon, "--guidance", 2, "--analysis-num", 4, "-q",
+    )
+    assert res.code == 0, res.stderr
+    manifest = json.loads((qfolder / QUANT_JSON).read_text())
+    assert manifest["config"]["recon_iters"] == 3 and manifest["config"]["recon_beta"] == [10.0, 1.0]
+    assert manifest["calibration"]["reconstruction"]["units"] > 0
+    assert list((qfolder / "noise").glob("*.json"))
+    args = ("--num", 3, "--steps", 4, "--guidance", 2, "--labels", "0,2", "-q")
+    assert run("sample", qfolder, "--out", tmp_path / "c.npz", *args).code == 0
+    assert run("sample", qfolder, "--out", tmp_path / "p.npz", "--no-ptqd", *args).code == 0
+    with np.load(tmp_path / "c.npz") as corrected, np.load(tmp_path / "p.npz") as plain:
+        assert not np.array_equal(corrected["arr_0"], plain["arr_0"])
+
+
 def test_sample_fp_folder_labels_and_seeds(folders: dict[str, Path], tmp_path: Path, run: Callable) -> None:
     args = ("--num", 4, "--steps", 4, "--labels", "1-2", "--batch-size", 2, "-q")
     res = run("sample", folders["unet"], "--out", tmp_path / "a.npz", "--seed", 1, *args)
@@ -273,6 +294,14 @@ CASES: dict[str, tuple[Callable[[dict, Path, Path], tuple], str]] = {
     "unknown-calib-sampler": (
         lambda f, s, o: ("quantize", f["unet"], "--out", o / "q", "--calib-sampler", "heun"),
         "heun",
+    ),
+    "recon-beta-malformed": (
+        lambda f, s, o: ("quantize", f["unet"], "--out", o / "q", "--method", "qdiffusion", "--recon-beta", "20"),
+        "--recon-beta '20'",
+    ),
+    "recon-blocks-unknown": (
+        lambda f, s, o: ("quantize", f["unet"], "--out", o / "q", "--method", "qdiffusion", "--recon-blocks", "net"),
+        "auto or layer",
     ),
     "num-0": (lambda f, s, o: ("sample", f["unet"], "--out", o / "s.npz", "--num", 0), "--num 0"),
     "steps-0-quantized": (

@@ -93,6 +93,15 @@ def test_settings_are_checked() -> None:
         ReconstructionSettings(iters=-1)
     with pytest.raises(ConfigError, match="recon-iters"):
         QuantConfig.from_scheme("w4a8", method="qdiffusion", recon_batch_size=0)
+    for bad, match in (
+        ({"recon_max_samples": 0}, "calibration row"),
+        ({"recon_lr_round": 0.0}, "learning rates"),
+        ({"recon_beta": (20.0,)}, "beta"),
+        ({"recon_warmup": 1.0}, "warm-up"),
+        ({"recon_blocks": "stage"}, "auto or layer"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            QuantConfig.from_scheme("w4a8", method="qdiffusion", **bad)
 
 
 def test_config_round_trip_and_backward_compatible() -> None:
@@ -103,6 +112,9 @@ def test_config_round_trip_and_backward_compatible() -> None:
     for key in ("recon_iters", "recon_act_iters", "recon_batch_size", "recon_checkpoint_dir"):
         old.pop(key)
     assert QuantConfig.from_dict(old).recon_iters == 500
+    tuned = QuantConfig.from_scheme("w4a8", method="qdiffusion+ptqd", recon_beta=(10.0, 1.0), recon_blocks="layer")
+    assert tuned.reconstructs and tuned.corrects_noise
+    assert QuantConfig.from_dict(json.loads(json.dumps(tuned.to_dict()))) == tuned
 
 
 # ------------------------------------------------------------------------------------------ learned rounding

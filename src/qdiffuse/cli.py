@@ -45,6 +45,15 @@ def parse_labels(text: str | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def parse_pair(text: str, flag: str) -> tuple[float, float]:
+    """'20,2' -> (20.0, 2.0)."""
+    try:
+        first, second = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not two numbers like '20,2'") from None
+    return first, second
+
+
 def check_sampler(name: str, flag: str) -> None:
     """Reject an unknown sampler name before any model is loaded."""
     from qdiffuse.sampling.schedulers import SAMPLERS
@@ -122,6 +131,13 @@ def quantize(
         int, typer.Option(help="qdiffusion: activation step-size iterations per block (0: keep the ranges).")
     ] = 200,
     recon_batch_size: Annotated[int, typer.Option(help="qdiffusion: calibration rows per iteration.")] = 32,
+    recon_samples: Annotated[int, typer.Option(help="qdiffusion: calibration rows used in all.")] = 256,
+    recon_lr: Annotated[float, typer.Option(help="qdiffusion: learning rate of the rounding variables.")] = 1e-3,
+    recon_act_lr: Annotated[float, typer.Option(help="qdiffusion: learning rate of the step sizes.")] = 4e-4,
+    recon_reg: Annotated[float, typer.Option(help="qdiffusion: weight of AdaRound's rounding regulariser.")] = 0.01,
+    recon_beta: Annotated[str, typer.Option(help="qdiffusion: regulariser beta, start,end.")] = "20,2",
+    recon_warmup: Annotated[float, typer.Option(help="qdiffusion: fraction of iterations without it.")] = 0.2,
+    recon_blocks: Annotated[str, typer.Option(help="qdiffusion: auto (diffusers blocks) or layer.")] = "auto",
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="qdiffusion: save finished blocks here and resume from them.")
     ] = None,
@@ -155,6 +171,13 @@ def quantize(
         recon_iters=recon_iters,
         recon_act_iters=recon_act_iters,
         recon_batch_size=recon_batch_size,
+        recon_max_samples=recon_samples,
+        recon_lr_round=recon_lr,
+        recon_lr_act=recon_act_lr,
+        recon_round_reg=recon_reg,
+        recon_beta=parse_pair(recon_beta, "--recon-beta"),
+        recon_warmup=recon_warmup,
+        recon_blocks=recon_blocks,
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
     )
     check_output_path(out, overwrite)

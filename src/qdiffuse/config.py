@@ -98,9 +98,11 @@ class QuantConfig:
     output with its own unsigned quantizer of ``softmax_bits``).
     split_shortcuts: separate quantizers for the two halves of concatenated UNet skip inputs.
     calib_steps / calib_per_step: time-step-aware calibration counts (steps evenly spaced over the sampler).
-    recon_iters / recon_act_iters / recon_batch_size: ``qdiffusion`` block reconstruction (learned-rounding and
-    step-size iterations per block, calibration rows per iteration); recon_checkpoint_dir: folder where finished
-    blocks are written and a rerun resumes from (None: no checkpoints).
+    recon_*: block reconstruction of the ``qdiffusion`` methods: learned-rounding and step-size iterations per
+    block, calibration rows per iteration and in all, the two Adam learning rates, AdaRound's regulariser weight,
+    its β schedule (start, end) and warm-up fraction, ``auto`` (diffusers blocks) or ``layer`` units, and the folder
+    where finished blocks are written and a rerun resumes from (None: no checkpoints). See
+    :class:`qdiffuse.calibration.reconstruct.ReconstructionSettings`.
     """
 
     scheme: str
@@ -121,6 +123,13 @@ class QuantConfig:
     recon_iters: int = 500
     recon_act_iters: int = 200
     recon_batch_size: int = 32
+    recon_max_samples: int = 256
+    recon_lr_round: float = 1e-3
+    recon_lr_act: float = 4e-4
+    recon_round_reg: float = 0.01
+    recon_beta: tuple[float, float] = (20.0, 2.0)
+    recon_warmup: float = 0.2
+    recon_blocks: str = "auto"
     recon_checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -140,6 +149,18 @@ class QuantConfig:
             raise ConfigError(
                 "reconstruction needs iterations >= 0 and a positive batch size; use e.g. --recon-iters 500"
             )
+        if self.recon_max_samples < 1:
+            raise ConfigError("reconstruction needs at least one calibration row; use e.g. --recon-samples 256")
+        if self.recon_lr_round <= 0 or self.recon_lr_act <= 0 or self.recon_round_reg < 0:
+            raise ConfigError("reconstruction learning rates must be > 0 and the regulariser >= 0")
+        if len(self.recon_beta) != 2 or min(self.recon_beta) <= 0:
+            raise ConfigError(
+                f"reconstruction beta {self.recon_beta} must be two positive numbers, e.g. --recon-beta 20,2"
+            )
+        if not 0.0 <= self.recon_warmup < 1.0:
+            raise ConfigError(f"reconstruction warm-up {self.recon_warmup} must lie in [0, 1)")
+        if self.recon_blocks not in ("auto", "layer"):
+            raise ConfigError(f"reconstruction units {self.recon_blocks!r} unknown; use auto or layer")
 
     @classmethod
     def from_scheme(
@@ -217,6 +238,8 @@ class QuantConfig:
             data["activation"] = FormatSpec.from_dict(data["activation"]) if data.get("activation") else None
             data["rules"] = tuple(LayerRule(**r) for r in data.get("rules", []))
             data["mixed_activation_bits"] = tuple(data.get("mixed_activation_bits", ()))
+            if "recon_beta" in data:
+                data["recon_beta"] = tuple(data["recon_beta"])
             return cls(**data)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed quantization config ({exc}); re-run qdiffuse quantize") from None

@@ -118,6 +118,7 @@ def test_per_setting_config_is_checked(tmp_path: Path) -> None:
     for quant, match in (
         ({"scheme": "w4a8", "method": "qdiffusion", "config": {"recon_iters": 5}}, "needs a 'label'"),
         ({"scheme": "w4a8", "method": "mse", "label": "x", "config": {"recon_iter": 5}}, "unknown config fields"),
+        ({"scheme": "w4-mixed", "method": "ptqd", "snr_margin": 10.0}, "needs a 'label'"),
     ):
         (tmp_path / "b.json").write_text(json.dumps({**base, "quant": [quant]}))
         with pytest.raises(ConfigError, match=match):

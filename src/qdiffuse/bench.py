@@ -45,10 +45,14 @@ class QuantSetting:
     label: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     """QuantConfig fields for this setting only (e.g. ``recon_iters``), over the grid's ``calib``."""
+    snr_margin: float = 1.0
+    """Mixed precision: a step takes the low bit-width where SNR_Q >= snr_margin * SNR_F."""
 
     def __post_init__(self) -> None:
-        if self.config and not self.label:
-            raise ConfigError(f"bench quant setting {self.scheme}-{self.method} with 'config' needs a 'label'")
+        if (self.config or self.snr_margin != 1.0) and not self.label:
+            raise ConfigError(
+                f"bench quant setting {self.scheme}-{self.method} with 'config' or 'snr_margin' needs a 'label'"
+            )
         unknown = set(self.config) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(self.config))
         if unknown:
             raise ConfigError(
@@ -63,7 +67,7 @@ class QuantSetting:
     @property
     def model_key(self) -> str:
         """Settings that differ only in sampling-time options (PTQD ablations) share one quantized model."""
-        return self.label if self.config else f"{self.scheme}-{self.method}"
+        return self.label if self.config or self.snr_margin != 1.0 else f"{self.scheme}-{self.method}"
 
     @property
     def corrects_noise(self) -> bool:
@@ -161,7 +165,7 @@ class Bench:
         with PeakMemory(self.device) as peak:
             quantize_folder(
                 model, folder, config, guidance=self.config.guidance, batch_size=self.config.batch_size,
-                device=self.device, overwrite=True, analysis=analysis,
+                device=self.device, overwrite=True, analysis=analysis, snr_margin=quant.snr_margin,
             )
         cost = {"seconds": time.perf_counter() - start, "peak_mib": peak.mib}
         timing.write_text(json.dumps(cost))

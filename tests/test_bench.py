@@ -92,6 +92,8 @@ def test_per_setting_config_and_reconstruction_with_ptqd(tmp_path: Path) -> None
                 "quant": [
                     {"scheme": "w4a8", "method": "qdiffusion+ptqd", "label": "w4a8-qp-it2", "config": fast},
                     {"scheme": "w4a8", "method": "qdiffusion", "label": "w4a8-q-it0", "config": no_rounding},
+                    {"scheme": "w4a8", "method": "mse"},
+                    {"scheme": "w4a8", "method": "mse", "label": "w4a8-mse-corrected", "correct_noise": True},
                 ],
                 "num": 8,
                 "batch_size": 8,
@@ -102,9 +104,16 @@ def test_per_setting_config_and_reconstruction_with_ptqd(tmp_path: Path) -> None
     )
     out = tmp_path / "run"
     rows = Bench(BenchConfig.load(config_path), out).run()
-    assert [r["quant"] for r in rows] == ["FP", "w4a8-qp-it2", "w4a8-q-it0"]
+    assert [r["quant"] for r in rows] == ["FP", "w4a8-qp-it2", "w4a8-q-it0", "w4a8-mse", "w4a8-mse-corrected"]
     with_ptqd, plain = out / "models" / "model__w4a8-qp-it2", out / "models" / "model__w4a8-q-it0"
     assert list((with_ptqd / "noise").glob("ddim-3-eta1*.json")) and not (plain / "noise").exists()
+    # correct_noise shares the mse model, adds its statistics and samples differently from the same noise
+    assert sorted(p.name for p in (out / "models").iterdir() if p.is_dir()) == [
+        "model__w4a8-mse", "model__w4a8-q-it0", "model__w4a8-qp-it2"
+    ]
+    assert list((out / "models" / "model__w4a8-mse" / "noise").glob("ddim-3-eta1*.json"))
+    assert rows[3]["calibration_seconds"] == rows[4]["calibration_seconds"]
+    assert rows[3]["psnr_to_fp"] != rows[4]["psnr_to_fp"]
     manifests = [json.loads((f / "quantization.json").read_text()) for f in (with_ptqd, plain)]
     assert [m["config"]["recon_iters"] for m in manifests] == [2, 0]
 

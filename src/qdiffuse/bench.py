@@ -47,6 +47,10 @@ class QuantSetting:
     """QuantConfig fields for this setting only (e.g. ``recon_iters``), over the grid's ``calib``."""
     snr_margin: float = 1.0
     """Mixed precision: a step takes the low bit-width where SNR_Q >= snr_margin * SNR_F."""
+    correct_noise: bool = False
+    """Apply PTQD's corrections at sampling time to a method that does not measure them itself (statistics are
+    measured on demand and stored in the shared model folder): e.g. a ``qdiffusion`` model, without repeating its
+    reconstruction, is the ``qdiffusion+ptqd`` model."""
 
     def __post_init__(self) -> None:
         if (self.config or self.snr_margin != 1.0) and not self.label:
@@ -71,7 +75,7 @@ class QuantSetting:
 
     @property
     def corrects_noise(self) -> bool:
-        return self.method in ("ptqd", "qdiffusion+ptqd")
+        return self.correct_noise or self.method in ("ptqd", "qdiffusion+ptqd")
 
 
 @dataclass

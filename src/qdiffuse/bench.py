@@ -175,17 +175,19 @@ class Bench:
         timing.write_text(json.dumps(cost))
         return folder, cost
 
-    def _ensure_exact_stats(self, folder: Path, request: SampleRequest) -> None:
-        """Measure PTQD statistics for exactly this sampler setting if the folder lacks them."""
+    def _ensure_exact_stats(self, folder: Path, request: SampleRequest) -> float | None:
+        """Measure PTQD statistics for exactly this sampler setting if the folder lacks them (seconds taken)."""
         from dataclasses import replace
 
         from qdiffuse.noise.pipeline import analyze_quantized
         from qdiffuse.noise.store import find_stats, save_stats
 
         if find_stats(folder, request)[1] == "exact":
-            return
+            return None
+        start = time.perf_counter()
         analysis = replace(request, num=self.config.analysis_num, seed=self.config.seed + 7919)
         save_stats(folder, analyze_quantized(folder, analysis, device=self.device))
+        return time.perf_counter() - start
 
     def _samples(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> tuple[Any, ...]:
         from qdiffuse.noise.correction import PTQDOptions
@@ -204,7 +206,7 @@ class Bench:
             ptqd = quant.corrects_noise
             options = PTQDOptions(**quant.ptqd) if ptqd else None
             if ptqd:
-                self._ensure_exact_stats(Path(source), request)
+                extra["analysis_seconds"] = self._ensure_exact_stats(Path(source), request)
             hooks = sampling_hooks(
                 source, loaded, request, ptqd=ptqd, options=options, device=self.device
             )

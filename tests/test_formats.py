@@ -192,6 +192,19 @@ def test_fp8_scale_and_scaled_values() -> None:
         fp8_scale(T(1.0), "fp8_e3m4")
 
 
+@pytest.mark.parametrize("kind", ["fp8_e4m3", "fp8_e5m2"])
+def test_fake_quant_fp8_inference_path_equals_the_differentiable_one(kind: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5) * torch.logspace(-4, 3, 6).reshape(1, 6, 1, 1)
+    original = x.clone()
+    for scale in (fp8_scale(x.abs().amax(), kind), fp8_scale(x.abs().amax(dim=(0, 2, 3), keepdim=True), kind)):
+        with torch.no_grad():
+            fast = fake_quant_fp8(x, scale, kind)
+        slow = fake_quant_fp8(x.clone().requires_grad_(True), scale, kind)
+        assert torch.equal(fast, slow.detach())
+    assert torch.equal(x, original)
+
+
 def test_fp8_ste_gradient() -> None:
     x = T([0.1, 300.0, 500.0, -500.0], requires_grad=True)
     y = fake_quant_fp8(x, T(1.0), "fp8_e4m3")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from qdiffuse.errors import ConfigError
-from qdiffuse.formats.integer import SCALE_MIN
+from qdiffuse.formats.integer import SCALE_MIN, needs_grad
 
 FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 """Largest finite magnitude of each FP8 kind."""
@@ -54,6 +54,9 @@ def fake_quant_fp8(x: Tensor, scale: Tensor, kind: str) -> Tensor:
     """
     _check_kind(kind)
     fmax = FP8_MAX[kind]
+    if not needs_grad(x, scale):
+        y = torch.div(x, scale).clamp_(-fmax, fmax)
+        return y.to(FP8_DTYPES[kind]).to(y.dtype).mul_(scale).to(x.dtype)
     y = torch.clamp(x / scale, -fmax, fmax)
     yq = y.detach().to(FP8_DTYPES[kind]).to(y.dtype)
     return ((y + (yq - y.detach())) * scale).to(x.dtype)

@@ -88,7 +88,7 @@ def fake_quant_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: i
     outside, and ``d/dscale`` is the LSQ step-size gradient (``round(x/s) - x/s`` inside, the clip level
     outside) without any hand-written backward. The result has ``x``'s dtype.
     """
-    if not _needs_grad(x, scale, zero_point):
+    if not needs_grad(x, scale, zero_point):
         # Same values in place: sampling calls this on every activation, and the STE's extra temporaries
         # cost more than the convolutions of a small model.
         q = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
@@ -97,5 +97,6 @@ def fake_quant_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: i
     return ((q - zero_point) * scale).to(x.dtype)
 
 
-def _needs_grad(*tensors: Tensor | float) -> bool:
+def needs_grad(*tensors: Tensor | float) -> bool:
+    """Whether autograd will differentiate through an op on ``tensors`` (else the STE's temporaries are waste)."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)

@@ -388,8 +388,8 @@ def demo(
         "qdiffuse-demo"
     ),
     model: Annotated[str, typer.Option(help="Built-in model (or diffusers folder) to run on.")] = "fmnist-tiny",
-    num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 64,
-    steps: Annotated[int, typer.Option(help="DDIM steps (eta 0).")] = 25,
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 50,
+    steps: Annotated[int, typer.Option(help="DDIM steps (eta 0).")] = 20,
     guidance: float = 2.0,
     device: Device = "auto",
     overwrite: Overwrite = False,

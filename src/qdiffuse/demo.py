@@ -23,8 +23,8 @@ DEMO_RUNS = (("w8a8", "minmax"), ("w4a8", "mse"), ("w4a8", "ptqd"))
 def run_demo(
     out: Path,
     model: str = "fmnist-tiny",
-    num: int = 64,
-    steps: int = 25,
+    num: int = 50,
+    steps: int = 20,
     guidance: float = 2.0,
     seed: int = 0,
     runs: tuple[tuple[str, str], ...] = DEMO_RUNS,
@@ -38,7 +38,7 @@ def run_demo(
     Calibration and the PTQD statistics use the demo's own sampler setting, so nothing is measured twice; the
     defaults keep the whole run to a few minutes on two CPU cores.
     """
-    calib = {"calib_per_step": 16, "calib_num_inference_steps": steps, **(calib or {})}
+    calib = {"calib_per_step": 12, "calib_num_inference_steps": steps, **(calib or {})}
     config = BenchConfig(
         name="demo",
         models=[model],

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qdiffuse.config import QuantConfig
+from qdiffuse.config import NOISE_CORRECTING_METHODS, QuantConfig
 from qdiffuse.errors import ConfigError
 from qdiffuse.fsutil import atomic_file, folder_size
 from qdiffuse.progress import progress_bar
@@ -75,7 +75,7 @@ class QuantSetting:
 
     @property
     def corrects_noise(self) -> bool:
-        return self.correct_noise or self.method in ("ptqd", "qdiffusion+ptqd")
+        return self.correct_noise or self.method in NOISE_CORRECTING_METHODS
 
 
 @dataclass

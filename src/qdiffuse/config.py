@@ -19,6 +19,10 @@ METHODS = ("minmax", "mse", "ptqd", "qdiffusion", "qdiffusion+ptqd")
 measured at quantization time and corrected at sampling time. qdiffusion: mse ranges, then Q-Diffusion's block
 reconstruction (learned weight rounding and activation step sizes). qdiffusion+ptqd: PTQD's statistics and
 corrections on top of the reconstructed model (the residual noise is what reconstruction could not remove)."""
+RECONSTRUCTING_METHODS = ("qdiffusion", "qdiffusion+ptqd")
+NOISE_CORRECTING_METHODS = ("ptqd", "qdiffusion+ptqd")
+RECON_UNITS = ("auto", "layer")
+"""What reconstruction treats as one unit: diffusers blocks (layer by layer elsewhere), or every layer alone."""
 
 
 def _int_weights(bits: int) -> FormatSpec:
@@ -159,8 +163,10 @@ class QuantConfig:
             )
         if not 0.0 <= self.recon_warmup < 1.0:
             raise ConfigError(f"reconstruction warm-up {self.recon_warmup} must lie in [0, 1)")
-        if self.recon_blocks not in ("auto", "layer"):
-            raise ConfigError(f"reconstruction units {self.recon_blocks!r} unknown; use auto or layer")
+        if self.recon_blocks not in RECON_UNITS:
+            raise ConfigError(
+                f"reconstruction units {self.recon_blocks!r} unknown; use {' or '.join(RECON_UNITS)}"
+            )
 
     @classmethod
     def from_scheme(
@@ -193,12 +199,12 @@ class QuantConfig:
     @property
     def reconstructs(self) -> bool:
         """Block reconstruction after round-to-nearest PTQ."""
-        return self.method in ("qdiffusion", "qdiffusion+ptqd")
+        return self.method in RECONSTRUCTING_METHODS
 
     @property
     def corrects_noise(self) -> bool:
         """PTQD statistics measured at quantization time, corrections applied at sampling time."""
-        return self.method in ("ptqd", "qdiffusion+ptqd")
+        return self.method in NOISE_CORRECTING_METHODS
 
     def rule_for(self, layer_name: str) -> LayerRule | None:
         """The first rule matching ``layer_name`` (None: the layer follows the main scheme)."""
@@ -253,4 +259,14 @@ def _is_below_8bit(weight: FormatSpec, activation: FormatSpec | None) -> bool:
     return min(bits) < 8
 
 
-__all__ = ["SCHEMES", "MIXED_SCHEMES", "METHODS", "QuantConfig", "LayerRule", "DEFAULT_KEEP_8BIT"]
+__all__ = [
+    "SCHEMES",
+    "MIXED_SCHEMES",
+    "METHODS",
+    "RECONSTRUCTING_METHODS",
+    "NOISE_CORRECTING_METHODS",
+    "RECON_UNITS",
+    "QuantConfig",
+    "LayerRule",
+    "DEFAULT_KEEP_8BIT",
+]

@@ -36,7 +36,7 @@ def run_demo(
     """Run the demo into folder ``out`` (written atomically); returns the report path.
 
     Calibration and the PTQD statistics use the demo's own sampler setting, so nothing is measured twice; the
-    defaults keep the whole run to a few minutes on two CPU cores.
+    defaults keep the whole run under seven minutes on one CPU core (BENCHMARKS.md).
     """
     calib = {"calib_per_step": 12, "calib_num_inference_steps": steps, **(calib or {})}
     config = BenchConfig(

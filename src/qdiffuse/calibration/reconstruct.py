@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import CalibrationSet
+from qdiffuse.config import RECON_UNITS
 from qdiffuse.errors import ConfigError, DataError
 from qdiffuse.formats import group_view, int_bounds, ungroup_view
 from qdiffuse.formats.integer import SCALE_MIN
@@ -48,7 +49,7 @@ from qdiffuse.progress import progress_bar
 BLOCK_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "Transformer2DModel")
 """diffusers classes reconstructed as one block (besides ``Attention`` modules outside them)."""
 
-BLOCK_MODES = ("auto", "layer")
+BLOCK_MODES = RECON_UNITS
 MANIFEST = "reconstruction.json"
 _ZETA, _GAMMA = 1.1, -0.1
 

@@ -28,25 +28,31 @@ def tiny_32(root: Path) -> Path:
     return save_folder(model, root, {"num_classes": 10, "null_class": 10})
 
 
+TINY_CALIB = {"calib_steps": 2, "calib_per_step": 4, "calib_num_inference_steps": 3}
+
+
+def write_config(path: Path, model: Path, quant: list[dict], eta: float, num: int, **extra: object) -> Path:
+    """A 3-step DDIM grid on ``model`` with tiny calibration, written to ``path``."""
+    config = {
+        "name": "test",
+        "models": [str(model)],
+        "samplers": [{"sampler": "ddim", "steps": 3, "eta": eta}],
+        "quant": quant,
+        "num": num,
+        "batch_size": num,
+        "analysis_num": 4,
+        "calib": TINY_CALIB,
+        **extra,
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
 def test_bench_runs_cells_and_resumes(tmp_path: Path) -> None:
     set_progress_enabled(False)
     model = tiny_32(tmp_path / "model")
-    config_path = tmp_path / "bench.json"
-    config_path.write_text(
-        json.dumps(
-            {
-                "name": "test",
-                "models": [str(model)],
-                "samplers": [{"sampler": "ddim", "steps": 3, "eta": 0.0}],
-                "quant": [{"scheme": "w8a8", "method": "minmax"}, {"scheme": "w4a8", "method": "ptqd"}],
-                "num": 12,
-                "guidance": 2.0,
-                "batch_size": 12,
-                "analysis_num": 4,
-                "calib": {"calib_steps": 2, "calib_per_step": 4, "calib_num_inference_steps": 3},
-            }
-        )
-    )
+    quant = [{"scheme": "w8a8", "method": "minmax"}, {"scheme": "w4a8", "method": "ptqd"}]
+    config_path = write_config(tmp_path / "bench.json", model, quant, eta=0.0, num=12, guidance=2.0)
     out = tmp_path / "run"
     rows = Bench(BenchConfig.load(config_path), out).run()
     assert [r["quant"] for r in rows] == ["FP", "w8a8-minmax", "w4a8-ptqd"]
@@ -80,28 +86,15 @@ def test_per_setting_config_and_reconstruction_with_ptqd(tmp_path: Path) -> None
     """A setting's own QuantConfig fields get their own model folder; qdiffusion+ptqd stores noise statistics."""
     set_progress_enabled(False)
     model = tiny_32(tmp_path / "model")
-    config_path = tmp_path / "bench.json"
     fast = {"recon_iters": 2, "recon_act_iters": 1, "recon_batch_size": 4}
     no_rounding = {**fast, "recon_iters": 0}
-    config_path.write_text(
-        json.dumps(
-            {
-                "name": "test",
-                "models": [str(model)],
-                "samplers": [{"sampler": "ddim", "steps": 3, "eta": 1.0}],
-                "quant": [
-                    {"scheme": "w4a8", "method": "qdiffusion+ptqd", "label": "w4a8-qp-it2", "config": fast},
-                    {"scheme": "w4a8", "method": "qdiffusion", "label": "w4a8-q-it0", "config": no_rounding},
-                    {"scheme": "w4a8", "method": "mse"},
-                    {"scheme": "w4a8", "method": "mse", "label": "w4a8-mse-corrected", "correct_noise": True},
-                ],
-                "num": 8,
-                "batch_size": 8,
-                "analysis_num": 4,
-                "calib": {"calib_steps": 2, "calib_per_step": 4, "calib_num_inference_steps": 3},
-            }
-        )
-    )
+    quant = [
+        {"scheme": "w4a8", "method": "qdiffusion+ptqd", "label": "w4a8-qp-it2", "config": fast},
+        {"scheme": "w4a8", "method": "qdiffusion", "label": "w4a8-q-it0", "config": no_rounding},
+        {"scheme": "w4a8", "method": "mse"},
+        {"scheme": "w4a8", "method": "mse", "label": "w4a8-mse-corrected", "correct_noise": True},
+    ]
+    config_path = write_config(tmp_path / "bench.json", model, quant, eta=1.0, num=8)
     out = tmp_path / "run"
     rows = Bench(BenchConfig.load(config_path), out).run()
     assert [r["quant"] for r in rows] == ["FP", "w4a8-qp-it2", "w4a8-q-it0", "w4a8-mse", "w4a8-mse-corrected"]

@@ -118,7 +118,7 @@ def _weights(folder: Path) -> Path:
 
 @pytest.mark.parametrize(
     "kind, method",
-    [("unet", "minmax"), ("cond", "minmax"), ("dit", "minmax"), ("dit", "mse")],  # mse on the UNets takes ~10 s
+    [("unet", "minmax"), ("cond", "minmax"), ("dit", "minmax"), ("dit", "mse"), ("dit", "mse+bias")],  # mse: UNet 10 s
 )
 def test_quantize_sample_info(
     kind: str, method: str, folders: dict[str, Path], tmp_path: Path, run: Callable[..., Result]

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from qdiffuse.calibration.bias import correct_bias, fp_weights
 from qdiffuse.calibration.collect import CalibrationSet, collect_calibration
 from qdiffuse.calibration.ptq import calibrate_ptq
 from qdiffuse.config import QuantConfig
@@ -44,8 +45,9 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
-    Reconstructing methods (``qdiffusion``, ``qdiffusion+ptqd``) add block reconstruction after round-to-nearest
-    PTQ (against an FP copy of the model taken first). Without ``calib``, calibration inputs are collected from the
+    ``mse+bias`` adds empirical bias correction after round-to-nearest PTQ. Reconstructing methods
+    (``qdiffusion``, ``qdiffusion+ptqd``) add block reconstruction after round-to-nearest PTQ (against an FP copy
+    of the model taken first). Without ``calib``, calibration inputs are collected from the
     FP model's own sampler (time-step aware, ``config.calib_steps`` × ``config.calib_per_step``), with the guidance
     and labels you will sample with.
     """
@@ -68,8 +70,17 @@ def quantize(
         )
     fp_model = copy.deepcopy(denoiser.model) if config.reconstructs else None
     plan = quantize_model(denoiser.model, config)
+    weights = fp_weights(denoiser.model) if config.corrects_bias else None
     calibrate_ptq(denoiser, calib, batch_size)
-    info = {"inputs": len(calib), "guidance": guidance, "timesteps": sorted({int(t) for t in calib.t.tolist()})}
+    info: dict[str, Any] = {
+        "inputs": len(calib),
+        "guidance": guidance,
+        "timesteps": sorted({int(t) for t in calib.t.tolist()}),
+    }
+    if weights is not None:
+        corrections = correct_bias(denoiser, calib, weights, batch_size)
+        del weights
+        info["bias_correction"] = {"layers": len(corrections), "max_abs": max(corrections.values(), default=0.0)}
     if fp_model is not None:
         from qdiffuse.calibration.reconstruct import ReconstructionSettings, reconstruct
 

@@ -107,8 +107,8 @@ def quantize(
     method: Annotated[
         str,
         typer.Option(
-            help="minmax, mse, ptqd (mse + noise correction), qdiffusion (mse + reconstruction) or "
-            "qdiffusion+ptqd (both)."
+            help="minmax, mse, mse+bias (mse + bias correction), ptqd (mse + noise correction), qdiffusion "
+            "(mse + reconstruction) or qdiffusion+ptqd (both)."
         ),
     ] = "minmax",
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,

@@ -14,13 +14,16 @@ from typing import Any
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
 
-METHODS = ("minmax", "mse", "ptqd", "qdiffusion", "qdiffusion+ptqd")
-"""minmax/mse: round-to-nearest PTQ with that range search. ptqd: mse ranges plus PTQD's noise statistics,
-measured at quantization time and corrected at sampling time. qdiffusion: mse ranges, then Q-Diffusion's block
-reconstruction (learned weight rounding and activation step sizes). qdiffusion+ptqd: PTQD's statistics and
-corrections on top of the reconstructed model (the residual noise is what reconstruction could not remove)."""
+METHODS = ("minmax", "mse", "mse+bias", "ptqd", "qdiffusion", "qdiffusion+ptqd")
+"""minmax/mse: round-to-nearest PTQ with that range search. mse+bias: mse, then empirical bias correction (each
+layer's mean output error on the calibration set added to its bias; one extra forward pass). ptqd: mse ranges
+plus PTQD's noise statistics, measured at quantization time and corrected at sampling time. qdiffusion: mse
+ranges, then Q-Diffusion's block reconstruction (learned weight rounding and activation step sizes).
+qdiffusion+ptqd: PTQD's statistics and corrections on top of the reconstructed model (the residual noise is what
+reconstruction could not remove)."""
 RECONSTRUCTING_METHODS = ("qdiffusion", "qdiffusion+ptqd")
 NOISE_CORRECTING_METHODS = ("ptqd", "qdiffusion+ptqd")
+BIAS_CORRECTING_METHODS = ("mse+bias",)
 RECON_UNITS = ("auto", "layer")
 """What reconstruction treats as one unit: diffusers blocks (layer by layer elsewhere), or every layer alone."""
 
@@ -96,7 +99,7 @@ class QuantConfig:
     """Everything that defines a quantized model.
 
     weight/activation: the main formats (activation None means weight-only).
-    method: how ranges are found (``minmax`` or ``mse``).
+    method: how ranges are found and what runs after round-to-nearest PTQ (see :data:`METHODS`).
     rules: per-layer overrides, first match wins; by default first/last layers and embeddings at 8 bits.
     quantize_attention: also quantize the attention matmuls (Q, K, V at the activation format, the softmax
     output with its own unsigned quantizer of ``softmax_bits``).
@@ -200,6 +203,11 @@ class QuantConfig:
     def reconstructs(self) -> bool:
         """Block reconstruction after round-to-nearest PTQ."""
         return self.method in RECONSTRUCTING_METHODS
+
+    @property
+    def corrects_bias(self) -> bool:
+        """Empirical bias correction of every quantized layer after round-to-nearest PTQ."""
+        return self.method in BIAS_CORRECTING_METHODS
 
     @property
     def corrects_noise(self) -> bool:

@@ -191,7 +191,9 @@ def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
         except AttributeError:
             raise ModelLoadError(f"{folder / QUANT_WEIGHTS} has unknown tensor {key}") from None
         current = getattr(module, attr, None)
-        if isinstance(current, nn.Parameter):
+        if current is None and attr == "bias" and isinstance(module, QuantLayer):
+            module.add_to_bias(value.float())  # a bias that bias correction gave a layer that had none
+        elif isinstance(current, nn.Parameter):
             if current.shape != value.shape:
                 raise ModelLoadError(f"{key}: stored shape {tuple(value.shape)} != model {tuple(current.shape)}")
             with torch.no_grad():

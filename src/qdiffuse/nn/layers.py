@@ -78,6 +78,16 @@ class QuantLayer(nn.Module):
         parts = torch.split(x, self.splits, dim=self.channel_dim)
         return torch.cat([q(p) for q, p in zip(self.input_quantizers, parts, strict=True)], dim=self.channel_dim)
 
+    def op(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def add_to_bias(self, delta: Tensor) -> None:
+        """Shift the bias by ``delta`` (one value per output channel), creating a bias if the layer had none."""
+        with torch.no_grad():
+            if self.bias is None:
+                self.bias = nn.Parameter(torch.zeros_like(delta, dtype=self.weight.dtype))
+            self.bias.add_(delta.to(self.bias.dtype))
+
     def bits_label(self) -> str:
         act = self.act_spec.describe() if self.act_spec else "fp"
         if self.input_quantizers and hasattr(self.input_quantizers[0], "variants"):
@@ -106,8 +116,12 @@ class QuantLinear(QuantLayer):
         self.weight = linear.weight
         self.bias = linear.bias
 
+    def op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The layer's operation with the given (already quantized or FP) input and weight."""
+        return F.linear(x, weight, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
+        return self.op(self.quantize_input(x), self.effective_weight())
 
 
 class QuantConv2d(QuantLayer):
@@ -139,13 +153,15 @@ class QuantConv2d(QuantLayer):
         self.weight = conv.weight
         self.bias = conv.bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.quantize_input(x)
-        weight = self.effective_weight()
+    def op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The layer's operation with the given (already quantized or FP) input and weight."""
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(self.quantize_input(x), self.effective_weight())
 
 
 def _splits(channels: int, split_at: int | None) -> tuple[int, ...]:

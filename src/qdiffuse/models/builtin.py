@@ -45,7 +45,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-dit",
             "fmnist-dit",
-            "class-conditional DiTTransformer2DModel, patch 4, ~2.1M parameters, Fashion-MNIST 32×32",
+            "class-conditional DiTTransformer2DModel, patch 2, ~1.4M parameters, Fashion-MNIST 32×32 (GPU recipe)",
             "transformer",
         ),
     )

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
-from tiny_models import save_folder, tiny_folder
+from tiny_models import save_folder, tiny_dit, tiny_folder
 
 from qdiffuse.api import quant_state, quantize
 from qdiffuse.calibration.bias import correct_bias, fp_weights
@@ -108,17 +107,7 @@ def test_layers_without_a_bias_get_one_that_survives_save_and_load(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     """A DiT without attention biases: the corrected to_q/to_k/to_v gain a bias, and the folder reloads exactly."""
-    dit = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=1,
-        out_channels=1,
-        num_layers=1,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=3,
-        attention_bias=False,
-    )
+    dit = tiny_dit(attention_bias=False)
     folder = save_folder(dit, tmp_path / "fp")
     loaded = load_model_folder(folder)
     assert loaded.denoiser.model.transformer_blocks[0].attn1.to_q.bias is None
@@ -127,9 +116,9 @@ def test_layers_without_a_bias_get_one_that_survives_save_and_load(
     to_q = loaded.denoiser.model.transformer_blocks[0].attn1.to_q
     assert isinstance(to_q, QuantLayer) and to_q.bias is not None and to_q.bias.abs().sum() > 0
     assert quant_state(loaded.denoiser.model).calibration["bias_correction"]["layers"] > 0
-    x = torch.randn(2, 1, 8, 8)
+    x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([900, 10])
-    labels = torch.tensor([0, 3])
+    labels = torch.tensor([0, 4])  # a class and the null class
     with torch.no_grad():
         expected = loaded.denoiser.forward_raw(x, t, labels)
     back = load_quantized(save_quantized(loaded, tmp_path / "q"))

@@ -40,8 +40,9 @@ def tiny_cond_unet() -> UNet2DConditionModel:
     )
 
 
-def tiny_dit() -> DiTTransformer2DModel:
+def tiny_dit(attention_bias: bool = True) -> DiTTransformer2DModel:
     return DiTTransformer2DModel(
+        attention_bias=attention_bias,
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=1,

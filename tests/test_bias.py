@@ -48,8 +48,8 @@ def _mean_errors(
             shift = layer.bias.detach() - biases[name]
             reference = reference - (shift.view(1, -1, 1, 1) if reference.ndim == 4 else shift)
             diff = reference - output
-            dims = [d for d in range(diff.ndim) if d != 1] if diff.ndim == 4 else list(range(diff.ndim - 1))
-            sums.setdefault(name, []).append(diff.double().mean(dim=dims))
+            channel = layer.channel_dim % diff.ndim
+            sums.setdefault(name, []).append(diff.double().mean(dim=[d for d in range(diff.ndim) if d != channel]))
 
         return measure
 

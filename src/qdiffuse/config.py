@@ -273,6 +273,7 @@ __all__ = [
     "METHODS",
     "RECONSTRUCTING_METHODS",
     "NOISE_CORRECTING_METHODS",
+    "BIAS_CORRECTING_METHODS",
     "RECON_UNITS",
     "QuantConfig",
     "LayerRule",

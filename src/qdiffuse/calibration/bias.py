@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.models.denoiser import Denoiser
-from qdiffuse.nn.layers import QuantConv2d, QuantLayer
+from qdiffuse.nn.layers import QuantLayer
 from qdiffuse.nn.rewrite import quant_layers
 from qdiffuse.progress import progress_bar
 
@@ -28,8 +28,8 @@ def fp_weights(model: nn.Module) -> dict[str, Tensor]:
 
 def _channel_sum(diff: Tensor, layer: QuantLayer) -> tuple[Tensor, int]:
     """Sum over every dimension but the output channel, and how many values went into each channel's sum."""
-    channel_dim = 1 if isinstance(layer, QuantConv2d) else diff.ndim - 1
-    moved = diff.movedim(channel_dim, -1).reshape(-1, diff.shape[channel_dim])
+    moved = diff.movedim(layer.channel_dim, -1)
+    moved = moved.reshape(-1, moved.shape[-1])
     return moved.double().sum(0), moved.shape[0]
 
 
@@ -72,7 +72,7 @@ def correct_bias(
     for name, layer in layers.items():
         if name not in sums:  # a layer the calibration inputs never reach
             continue
-        delta = (sums[name] / counts[name]).to(layer.weight.dtype)
+        delta = sums[name] / counts[name]
         layer.add_to_bias(delta)
         corrections[name] = float(delta.abs().max())
     return corrections

@@ -49,7 +49,6 @@ from qdiffuse.progress import progress_bar
 BLOCK_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "Transformer2DModel")
 """diffusers classes reconstructed as one block (besides ``Attention`` modules outside them)."""
 
-BLOCK_MODES = RECON_UNITS
 MANIFEST = "reconstruction.json"
 _ZETA, _GAMMA = 1.1, -0.1
 
@@ -89,8 +88,8 @@ class ReconstructionSettings:
             raise ConfigError("reconstruction iterations must be >= 0; use e.g. --recon-iters 500")
         if self.batch_size < 1 or self.max_samples < 1:
             raise ConfigError("reconstruction batch size and sample count must be positive")
-        if self.blocks not in BLOCK_MODES:
-            raise ConfigError(f"unknown reconstruction blocks {self.blocks!r}; use one of {', '.join(BLOCK_MODES)}")
+        if self.blocks not in RECON_UNITS:
+            raise ConfigError(f"unknown reconstruction blocks {self.blocks!r}; use one of {', '.join(RECON_UNITS)}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"reconstruction warm-up {self.warmup} must lie in [0, 1)")
 

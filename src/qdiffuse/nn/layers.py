@@ -79,7 +79,11 @@ class QuantLayer(nn.Module):
         return torch.cat([q(p) for q, p in zip(self.input_quantizers, parts, strict=True)], dim=self.channel_dim)
 
     def op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The layer's operation with the given (already quantized or FP) input and weight."""
         raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(self.quantize_input(x), self.effective_weight())
 
     def add_to_bias(self, delta: Tensor) -> None:
         """Shift the bias by ``delta`` (one value per output channel), creating a bias if the layer had none."""
@@ -117,11 +121,7 @@ class QuantLinear(QuantLayer):
         self.bias = linear.bias
 
     def op(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The layer's operation with the given (already quantized or FP) input and weight."""
         return F.linear(x, weight, self.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.op(self.quantize_input(x), self.effective_weight())
 
 
 class QuantConv2d(QuantLayer):
@@ -154,14 +154,10 @@ class QuantConv2d(QuantLayer):
         self.bias = conv.bias
 
     def op(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The layer's operation with the given (already quantized or FP) input and weight."""
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.op(self.quantize_input(x), self.effective_weight())
 
 
 def _splits(channels: int, split_at: int | None) -> tuple[int, ...]:

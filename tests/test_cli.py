@@ -129,7 +129,10 @@ def test_quantize_sample_info(
         extra = ("--guidance", 2, "--labels", "0,2")
     elif kind == "cond":
         extra = ("--condition", folders["condition"])
-    res = run("quantize", folders[kind], "--out", qfolder, "--scheme", "w4a8", "--method", method, *CALIB, *extra, "-q")
+    quantize_input = method == "mse"  # one case checks the flag that quantizes x_t at the first layer too
+    flags = ("--quantize-input",) if quantize_input else ()
+    args = ("--scheme", "w4a8", "--method", method, *CALIB, *extra, *flags, "-q")
+    res = run("quantize", folders[kind], "--out", qfolder, *args)
     assert res.code == 0, res.stderr
     assert res.stdout.strip() == f"wrote {qfolder} (w4a8, {method})"
     assert is_quantized_folder(qfolder)
@@ -163,7 +166,8 @@ def test_quantize_sample_info(
     assert f"scheme:     w4a8   method: {method}" in lines
     assert any(line.startswith("size:") and "x smaller" in line for line in lines)
     first = "pos_embed.proj" if kind == "dit" else "conv_in"
-    assert any(line.split() == [first, "W:int8-sym-channel", "A:int8-asym-tensor"] for line in lines)
+    first_input = "A:int8-asym-tensor" if quantize_input else "A:fp"
+    assert any(line.split() == [first, "W:int8-sym-channel", first_input] for line in lines)
     n_layers = int(next(line for line in lines if line.startswith("layers:")).split()[1])
     assert n_layers == len(lines) - lines.index(next(x for x in lines if x.startswith("layers:"))) - 1
 

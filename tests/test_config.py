@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qdiffuse.config import DEFAULT_KEEP_8BIT, METHODS, SCHEMES, LayerRule, QuantConfig
+from qdiffuse.config import DEFAULT_FP_INPUT, DEFAULT_KEEP_8BIT, METHODS, SCHEMES, LayerRule, QuantConfig
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
 
@@ -157,12 +157,35 @@ def test_layer_rule_rejects_unknown_schemes(scheme: str) -> None:
 def test_layer_rules_first_match_wins_and_weight_only_stays_weight_only() -> None:
     config = QuantConfig.from_scheme("w4a4", keep_fp=("conv_out",), keep_8bit=("conv_*",))
     assert config.formats_for("conv_out") is None  # keep_fp comes before the 8-bit rules
-    assert config.formats_for("conv_in") == (INT8_W, INT8_A)
+    assert config.formats_for("conv_in") == (INT8_W, None)  # 8-bit rule, input x_t left in FP by default
+    assert config.formats_for("conv_norm_out") == (INT8_W, INT8_A)
     weight, act = config.formats_for("down_blocks.0.resnets.0.conv1")
     assert (weight.bits, act.bits) == (4, 4)
     weight_only = QuantConfig.from_scheme("w4a16")
     assert weight_only.formats_for("conv_in") == (INT8_W, None)
     assert weight_only.formats_for("mid_block.resnets.0.conv1")[1] is None
+
+
+def test_network_input_stays_fp_by_default_and_can_be_quantized() -> None:
+    config = QuantConfig.from_scheme("w8a8")
+    assert config.fp_inputs == DEFAULT_FP_INPUT
+    assert config.formats_for("conv_in") == (INT8_W, None)
+    assert config.formats_for("pos_embed.proj") == (INT8_W, None)
+    assert config.formats_for("down_blocks.0.resnets.0.conv1") == (INT8_W, INT8_A)
+    quantized_input = QuantConfig.from_scheme("w8a8", fp_inputs=())
+    assert quantized_input.formats_for("conv_in") == (INT8_W, INT8_A)
+    assert QuantConfig.from_scheme("w4a16").fp_inputs == ()  # nothing to exempt without activation quantization
+    mixed = QuantConfig.from_scheme("w8-mixed")
+    assert mixed.activation_variants("conv_in") is None
+    assert mixed.activation_variants("down_blocks.0.resnets.0.conv1") is not None
+
+
+def test_configs_saved_before_fp_inputs_keep_their_quantized_input() -> None:
+    data = QuantConfig.from_scheme("w8a8").to_dict()
+    assert QuantConfig.from_dict(data) == QuantConfig.from_scheme("w8a8")
+    del data["fp_inputs"]
+    old = QuantConfig.from_dict(data)
+    assert old.fp_inputs == () and old.formats_for("conv_in") == (INT8_W, INT8_A)
 
 
 def test_default_8bit_policy_only_below_8_bits() -> None:

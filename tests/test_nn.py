@@ -375,18 +375,20 @@ def _labels(plan: list) -> dict[str, str]:
 
 W4A4 = "W:int4-sym-channel A:int4-asym-tensor"
 W8A8 = "W:int8-sym-channel A:int8-asym-tensor"
+W8_FP_INPUT = "W:int8-sym-channel A:fp"
 
 
 def test_default_policy_keeps_first_last_and_embeddings_at_8_bits() -> None:
     for kind in ("unet", "cond"):
         labels = _labels(quantize_model(_model(kind), QuantConfig.from_scheme("w4a4")))
-        for name in ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"):
+        assert labels["conv_in"] == W8_FP_INPUT  # reads x_t, whose input stays in FP
+        for name in ("conv_out", "time_embedding.linear_1", "time_embedding.linear_2"):
             assert labels[name] == W8A8, (kind, name)
         assert labels["down_blocks.0.resnets.0.conv1"] == W4A4
         assert labels["mid_block.resnets.0.time_emb_proj"] == W4A4
     labels = _labels(quantize_model(_model("dit"), QuantConfig.from_scheme("w4a4")))
+    assert labels["pos_embed.proj"] == W8_FP_INPUT
     for name in (
-        "pos_embed.proj",
         "proj_out_1",
         "proj_out_2",
         "transformer_blocks.0.norm1.linear",
@@ -403,11 +405,15 @@ def test_policy_variants_weight_only_no_keep_and_8bit_schemes() -> None:
     assert labels["down_blocks.0.resnets.0.conv1"] == "W:int4-sym-channel A:fp"
     assert not any(p.startswith("QK/AV") for p in labels.values())  # weight-only: no attention matmuls
     labels = _labels(quantize_model(_model("unet"), QuantConfig.from_scheme("w4a4", keep_8bit=None)))
-    assert labels["conv_in"] == labels["conv_out"] == W4A4
+    assert labels["conv_in"] == "W:int4-sym-channel A:fp" and labels["conv_out"] == W4A4
+    everything = QuantConfig.from_scheme("w4a4", keep_8bit=None, fp_inputs=())
+    assert _labels(quantize_model(_model("unet"), everything))["conv_in"] == W4A4
     labels = _labels(quantize_model(_model("unet"), QuantConfig.from_scheme("nvfp4")))
-    assert labels["conv_in"] == W8A8 and labels["down_blocks.0.resnets.0.conv1"] == "W:nvfp4 A:nvfp4"
+    assert labels["conv_out"] == W8A8 and labels["down_blocks.0.resnets.0.conv1"] == "W:nvfp4 A:nvfp4"
+    assert labels["conv_in"] == W8_FP_INPUT
     labels = _labels(quantize_model(_model("unet"), QuantConfig.from_scheme("fp8")))
-    assert labels["conv_in"] == "W:fp8_e4m3-channel A:fp8_e4m3-tensor"
+    assert labels["conv_in"] == "W:fp8_e4m3-channel A:fp"
+    assert labels["conv_out"] == "W:fp8_e4m3-channel A:fp8_e4m3-tensor"
 
 
 def test_keep_fp_and_custom_rules() -> None:
@@ -418,7 +424,7 @@ def test_keep_fp_and_custom_rules() -> None:
     assert "mid_block.attentions.0" not in labels
     assert isinstance(model.mid_block.attentions[0].processor, AttnProcessor2_0)
     assert isinstance(model.mid_block.attentions[0].to_q, QuantLinear)  # the projections are separate layers
-    assert labels["conv_in"] == W8A8
+    assert labels["conv_in"] == W8_FP_INPUT
 
     from qdiffuse.config import LayerRule
 
@@ -428,7 +434,8 @@ def test_keep_fp_and_custom_rules() -> None:
     labels = _labels(quantize_model(model, config))
     assert labels["mid_block.attentions.0.to_q"] == W8A8
     assert not any(name.endswith("conv_shortcut") for name in labels)
-    assert labels["conv_in"] == "W:int4-sym-channel A:int8-asym-tensor"  # the catch-all rule won
+    assert labels["conv_in"] == "W:int4-sym-channel A:fp"  # the catch-all rule won; x_t stays FP
+    assert labels["conv_out"] == "W:int4-sym-channel A:int8-asym-tensor"
     assert labels["mid_block.attentions.0"].startswith("QK/AV:int8-asym-tensor")
 
 

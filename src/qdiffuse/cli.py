@@ -119,6 +119,12 @@ def quantize(
     labels: Annotated[str | None, typer.Option(help="Classes to calibrate on, e.g. 0-9.")] = None,
     keep_fp: Annotated[list[str] | None, typer.Option(help="Layer-name pattern to keep in full precision.")] = None,
     no_keep_8bit: Annotated[bool, typer.Option("--no-keep-8bit", help="Quantize first/last layers too.")] = False,
+    quantize_input: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-input", help="Also quantize the noisy sample x_t entering the first layer (FP by default)."
+        ),
+    ] = False,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic (per-call) activation ranges.")] = False,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
     no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
@@ -149,7 +155,7 @@ def quantize(
 ) -> None:
     """Quantize a model with time-step-aware calibration and save it as a folder."""
     _setup(quiet)
-    from qdiffuse.config import DEFAULT_KEEP_8BIT, QuantConfig
+    from qdiffuse.config import DEFAULT_FP_INPUT, DEFAULT_KEEP_8BIT, QuantConfig
     from qdiffuse.fsutil import check_output_path
     from qdiffuse.pipeline import quantize_folder
     from qdiffuse.sampling.loop import SampleRequest
@@ -160,6 +166,7 @@ def quantize(
         method=method,
         keep_8bit=None if no_keep_8bit else DEFAULT_KEEP_8BIT,
         keep_fp=tuple(keep_fp or ()),
+        fp_inputs=() if quantize_input else DEFAULT_FP_INPUT,
         quantize_attention=not no_attention,
         split_shortcuts=not no_split,
         dynamic_activations=dynamic,

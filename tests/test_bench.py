@@ -125,3 +125,9 @@ def test_per_setting_config_is_checked(tmp_path: Path) -> None:
         (tmp_path / "b.json").write_text(json.dumps({**base, "quant": [quant]}))
         with pytest.raises(ConfigError, match=match):
             BenchConfig.load(tmp_path / "b.json")
+    quant = [{"scheme": "w4a8", "method": "mse"}]
+    (tmp_path / "b.json").write_text(json.dumps({**base, "quant": quant, "calib": {"fp_input": []}}))
+    with pytest.raises(ConfigError, match="unknown 'calib' fields"):
+        BenchConfig.load(tmp_path / "b.json")
+    (tmp_path / "b.json").write_text(json.dumps({**base, "quant": quant, "calib": {"fp_inputs": []}}))
+    assert BenchConfig.load(tmp_path / "b.json").calib == {"fp_inputs": []}

@@ -89,7 +89,16 @@ class BenchConfig:
     guidance: float = 2.0
     batch_size: int = 100
     calib: dict[str, Any] = field(default_factory=dict)
+    """QuantConfig fields for every cell: calibration counts, and policy fields such as ``fp_inputs``."""
     analysis_num: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = set(self.calib) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(self.calib))
+        if unknown:
+            raise ConfigError(
+                f"bench config {self.name}: unknown 'calib' fields {sorted(unknown)}; use QuantConfig fields such "
+                "as calib_steps"
+            )
 
     @classmethod
     def load(cls, path: Path) -> BenchConfig:

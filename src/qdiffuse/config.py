@@ -78,10 +78,10 @@ adaLN modulation, whose errors shift every later feature."""
 
 DEFAULT_FP_INPUT = ("conv_in", "pos_embed.proj")
 """Layers that read the noisy sample x_t itself; by default their input stays in floating point (their weights
-follow the scheme). One per-tensor range must cover x_t at every step, about ±4 at the first and ±1 at the last,
-so an 8-bit grid (step ≈ 0.03) drowns the small noise the model has to find at the late steps: on
-``fmnist-tiny`` at W8A8 this one quantizer is 97% of the single-step ε error. Q-Diffusion and BRECQ quantize
-layer outputs, so they never quantize the network input either."""
+follow the scheme). One per-tensor range must cover x_t at every step, about ±5 at the first and ±1 at the last,
+so an 8-bit grid (step 0.04 on ``fmnist-tiny``) drowns the small noise the model has to find at the late steps:
+there, at W8A8, this one quantizer is 97% of the single-step ε error that activations cause. Q-Diffusion and
+BRECQ quantize layer outputs, so they never quantize the network input either."""
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,11 @@ from qdiffuse.progress import set_progress_enabled
 set_progress_enabled(False)
 
 
-def _quantize(folder: Path, scheme: str) -> LoadedModel:
+def _quantize(folder: Path, scheme: str, **overrides: object) -> LoadedModel:
     loaded = load_model_folder(folder)
-    config = QuantConfig.from_scheme(scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4)
+    config = QuantConfig.from_scheme(
+        scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4, **overrides
+    )
     quantize(loaded.denoiser, loaded.scheduler_config, config)
     return loaded
 
@@ -113,6 +115,26 @@ def test_save_load_gives_identical_outputs(
         assert layer.weight_hardened
 
 
+def test_folder_from_before_fp_inputs_loads_with_its_quantized_input(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Manifests written before the field existed have no ``fp_inputs``; their x_t input was quantized."""
+    loaded = _quantize(tiny_folder("unet", tmp_path_factory), "w8a8", fp_inputs=())
+    inputs = _inputs(loaded)
+    expected = _out(loaded, inputs)
+    out = save_quantized(loaded, tmp_path / "q")
+    manifest_path = out / QUANT_JSON
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["config"].pop("fp_inputs") == []
+    manifest_path.write_text(json.dumps(manifest))
+    back = load_quantized(out)
+    assert len(back.denoiser.model.conv_in.input_quantizers) == 1
+    assert torch.equal(_out(back, inputs), expected)
+    default = _quantize(tiny_folder("unet", tmp_path_factory), "w8a8")
+    assert len(default.denoiser.model.conv_in.input_quantizers) == 0
+    assert not torch.equal(_out(default, inputs), expected)
+
+
 def test_w4_folder_is_under_a_third_of_fp32(unet_w4a8: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     fp32 = _fp32_bytes(tiny_folder("unet", tmp_path_factory))
     size = (unet_w4a8 / QUANT_WEIGHTS).stat().st_size
@@ -145,7 +167,8 @@ def test_describe_folder_fields(unet_w4a8: Path, tmp_path_factory: pytest.TempPa
     names = {p["name"] for p in desc["plan"]}
     assert {"conv_in", "conv_out", "mid_block.attentions.0"} <= names
     labels = {p["name"]: p["label"] for p in desc["plan"]}
-    assert labels["conv_in"] == "W:int8-sym-channel A:int8-asym-tensor"
+    assert labels["conv_in"] == "W:int8-sym-channel A:fp"  # x_t stays in FP by default
+    assert labels["conv_out"] == "W:int8-sym-channel A:int8-asym-tensor"
     assert labels["down_blocks.0.resnets.0.conv1"] == "W:int4-sym-channel A:int8-asym-tensor"
     calib = desc["calibration"]
     assert calib["inputs"] == 12 and calib["guidance"] == 1.0 and len(calib["timesteps"]) == 3

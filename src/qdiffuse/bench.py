@@ -37,6 +37,11 @@ class SamplerSetting:
         return f"{self.sampler}{self.steps}-eta{self.eta:g}"
 
 
+def _unknown_config_fields(overrides: dict[str, Any]) -> list[str]:
+    """Keys that are not QuantConfig fields a bench config may set (scheme and method have their own keys)."""
+    return sorted(set(overrides) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(overrides)))
+
+
 @dataclass(frozen=True)
 class QuantSetting:
     scheme: str
@@ -57,10 +62,10 @@ class QuantSetting:
             raise ConfigError(
                 f"bench quant setting {self.scheme}-{self.method} with 'config' or 'snr_margin' needs a 'label'"
             )
-        unknown = set(self.config) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(self.config))
+        unknown = _unknown_config_fields(self.config)
         if unknown:
             raise ConfigError(
-                f"bench quant setting {self.key}: unknown config fields {sorted(unknown)}; use QuantConfig fields "
+                f"bench quant setting {self.key}: unknown config fields {unknown}; use QuantConfig fields "
                 "such as recon_iters"
             )
 
@@ -93,10 +98,10 @@ class BenchConfig:
     analysis_num: int = 64
 
     def __post_init__(self) -> None:
-        unknown = set(self.calib) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(self.calib))
+        unknown = _unknown_config_fields(self.calib)
         if unknown:
             raise ConfigError(
-                f"bench config {self.name}: unknown 'calib' fields {sorted(unknown)}; use QuantConfig fields such "
+                f"bench config {self.name}: unknown 'calib' fields {unknown}; use QuantConfig fields such "
                 "as calib_steps"
             )
 

@@ -243,12 +243,12 @@ class QuantConfig:
     def formats_for(self, layer_name: str) -> tuple[FormatSpec, FormatSpec | None] | None:
         """The (weight, activation) formats of one layer, or None to keep it in full precision."""
         rule = self.rule_for(layer_name)
-        if rule is None:
-            return self.weight, None if self.has_fp_input(layer_name) else self.activation
-        if rule.scheme == "fp":
+        if rule is not None and rule.scheme == "fp":
             return None
-        weight, activation = SCHEMES[rule.scheme]
-        return weight, None if self.activation is None or self.has_fp_input(layer_name) else activation
+        weight, activation = (self.weight, self.activation) if rule is None else SCHEMES[rule.scheme]
+        if self.activation is None or self.has_fp_input(layer_name):
+            activation = None
+        return weight, activation
 
     def has_fp_input(self, layer_name: str) -> bool:
         """True where the layer's input stays in floating point (see :data:`DEFAULT_FP_INPUT`)."""
@@ -258,7 +258,7 @@ class QuantConfig:
         """Per-step activation formats of a layer on the main scheme (None: one format, e.g. kept at 8 bits)."""
         if not self.mixed_activation_bits or self.activation is None or self.rule_for(layer_name) is not None:
             return None
-        if self.has_fp_input(layer_name):
+        if self.has_fp_input(layer_name):  # no activation quantizer at all
             return None
         return {f"a{b}": replace(self.activation, bits=b) for b in sorted(self.mixed_activation_bits)}
 

@@ -256,9 +256,12 @@ class QuantConfig:
 
     def activation_variants(self, layer_name: str) -> dict[str, FormatSpec] | None:
         """Per-step activation formats of a layer on the main scheme (None: one format, e.g. kept at 8 bits)."""
-        if not self.mixed_activation_bits or self.activation is None or self.rule_for(layer_name) is not None:
-            return None
-        if self.has_fp_input(layer_name):  # no activation quantizer at all
+        if (
+            not self.mixed_activation_bits
+            or self.activation is None
+            or self.rule_for(layer_name) is not None
+            or self.has_fp_input(layer_name)
+        ):
             return None
         return {f"a{b}": replace(self.activation, bits=b) for b in sorted(self.mixed_activation_bits)}
 

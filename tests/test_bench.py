@@ -131,3 +131,76 @@ def test_per_setting_config_is_checked(tmp_path: Path) -> None:
         BenchConfig.load(tmp_path / "b.json")
     (tmp_path / "b.json").write_text(json.dumps({**base, "quant": quant, "calib": {"fp_inputs": []}}))
     assert BenchConfig.load(tmp_path / "b.json").calib == {"fp_inputs": []}
+
+
+def _count_samples(monkeypatch, delay: float = 0.0) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Count how often each cell is sampled (by any worker), optionally making every cell slow."""
+    import threading
+    import time
+
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
+    original = Bench._samples
+
+    def counted(self, model, setting, quant):  # type: ignore[no-untyped-def]
+        with lock:
+            key = quant.key if quant else "FP"
+            counts[key] = counts.get(key, 0) + 1
+        time.sleep(delay)
+        return original(self, model, setting, quant)
+
+    monkeypatch.setattr(Bench, "_samples", counted)
+    return counts
+
+
+def test_two_workers_split_the_grid(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two workers on one folder compute every cell and quantized model once, and agree on the table."""
+    import threading
+
+    set_progress_enabled(False)
+    counts = _count_samples(monkeypatch, delay=0.3)
+    model = tiny_32(tmp_path / "model")
+    quant = [{"scheme": "w8a8", "method": "minmax"}, {"scheme": "w4a8", "method": "mse"}]
+    config = BenchConfig.load(write_config(tmp_path / "bench.json", model, quant, eta=0.0, num=4))
+    out = tmp_path / "run"
+    results: list[list[dict]] = []
+    workers = [threading.Thread(target=lambda: results.append(Bench(config, out).run())) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert len(results) == 2 and results[0] == results[1]
+    assert counts == {"FP": 1, "w8a8-minmax": 1, "w4a8-mse": 1}
+    assert [r["quant"] for r in results[0]] == ["FP", "w8a8-minmax", "w4a8-mse"]
+    assert all(r["psnr_to_fp"] > 0 for r in results[0][1:])
+
+
+def test_a_cell_held_elsewhere_is_waited_for_then_taken_over(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """While another worker holds the FP cell, the quantized cell is sampled but waits for the FP samples; when
+    the holder lets go without finishing (it was killed), this worker computes the FP cell itself."""
+    import threading
+    import time
+
+    from qdiffuse.bench import claim
+
+    set_progress_enabled(False)
+    counts = _count_samples(monkeypatch)
+    model = tiny_32(tmp_path / "model")
+    config = BenchConfig.load(
+        write_config(tmp_path / "bench.json", model, [{"scheme": "w8a8", "method": "minmax"}], eta=0.0, num=4)
+    )
+    out = tmp_path / "run"
+    bench = Bench(config, out)
+    fp_cell = bench._cell_path(str(model), config.samplers[0], None)
+    results: list[list[dict]] = []
+    with claim(fp_cell.with_name(f".{fp_cell.stem}.lock")):
+        worker = threading.Thread(target=lambda: results.append(bench.run()))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while "w8a8-minmax" not in counts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert counts == {"w8a8-minmax": 1} and worker.is_alive() and not fp_cell.exists()
+    worker.join(timeout=300)
+    assert counts == {"w8a8-minmax": 1, "FP": 1}
+    assert [r["quant"] for r in results[0]] == ["FP", "w8a8-minmax"] and results[0][1]["psnr_to_fp"] > 0

@@ -4,13 +4,22 @@ A config (JSON) names the grid; every cell's result is written to ``OUT/cells/<k
 done, so a rerun skips finished cells and an interrupted run loses at most one. Quantized models are saved once
 per (model, scheme, method) under ``OUT/models`` and reused by every sampler setting. Each quantized cell is
 compared with the FP cell of the same model and sampler setting, drawn from the same seeds.
+
+Several processes given the same config and ``OUT`` split the grid between them: each claims a cell (and a
+quantized model) with an exclusive lock before computing it, skips what another process holds, and at the end
+waits for those. The locks are the kernel's (``flock``), so a worker that is killed releases its claims and
+another one takes them over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
@@ -24,6 +33,36 @@ from qdiffuse.errors import ConfigError
 from qdiffuse.fsutil import atomic_file, folder_size
 from qdiffuse.progress import progress_bar
 from qdiffuse.sampling.loop import SampleRequest, sample, to_uint8
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: one worker per folder there
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def claim(lock_path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_path`` for the block and yield True; yield False at once when another
+    process holds it and ``wait`` is False.
+
+    The holder must check, once it has the lock, whether the work is already done: a waiting worker gets the
+    lock after the one that did it. The lock file is left in place; it is empty and costs nothing.
+    """
+    if fcntl is None:
+        yield True
+        return
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 @dataclass(frozen=True)
@@ -161,13 +200,17 @@ class Bench:
 
     def _quantized_folder(self, model: str, quant: QuantSetting) -> tuple[Path, dict[str, Any]]:
         """The quantized folder of ``quant`` (made once) and its calibration cost: seconds and peak memory."""
+        folder = self.out / "models" / f"{Path(model).name}__{quant.model_key}"
+        timing = folder.with_suffix(".time.json")
+        with claim(folder.with_name(f".{folder.name}.lock")):
+            if folder.is_dir() and timing.is_file():
+                return folder, json.loads(timing.read_text())
+            return folder, self._quantize(model, quant, folder, timing)
+
+    def _quantize(self, model: str, quant: QuantSetting, folder: Path, timing: Path) -> dict[str, Any]:
         from qdiffuse.memory import PeakMemory
         from qdiffuse.pipeline import quantize_folder
 
-        folder = self.out / "models" / f"{Path(model).name}__{quant.model_key}"
-        timing = folder.with_suffix(".time.json")
-        if folder.is_dir() and timing.is_file():
-            return folder, json.loads(timing.read_text())
         config = QuantConfig.from_scheme(
             quant.scheme, method=quant.method, seed=self.config.seed, **{**self.config.calib, **quant.config}
         )
@@ -186,8 +229,9 @@ class Bench:
                 device=self.device, overwrite=True, analysis=analysis, snr_margin=quant.snr_margin,
             )
         cost = {"seconds": time.perf_counter() - start, "peak_mib": peak.mib}
-        timing.write_text(json.dumps(cost))
-        return folder, cost
+        with atomic_file(timing, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(cost))
+        return cost
 
     def _ensure_exact_stats(self, folder: Path, request: SampleRequest) -> float | None:
         """Measure PTQD statistics for exactly this sampler setting if the folder lacks them (seconds taken)."""
@@ -196,12 +240,13 @@ class Bench:
         from qdiffuse.noise.pipeline import analyze_quantized
         from qdiffuse.noise.store import find_stats, save_stats
 
-        if find_stats(folder, request)[1] == "exact":
-            return None
-        start = time.perf_counter()
-        analysis = replace(request, num=self.config.analysis_num, seed=self.config.seed + 7919)
-        save_stats(folder, analyze_quantized(folder, analysis, device=self.device))
-        return time.perf_counter() - start
+        with claim(folder.with_name(f".{folder.name}.stats.lock")):
+            if find_stats(folder, request)[1] == "exact":
+                return None
+            start = time.perf_counter()
+            analysis = replace(request, num=self.config.analysis_num, seed=self.config.seed + 7919)
+            save_stats(folder, analyze_quantized(folder, analysis, device=self.device))
+            return time.perf_counter() - start
 
     def _samples(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> tuple[Any, ...]:
         from qdiffuse.noise.correction import PTQDOptions
@@ -240,11 +285,31 @@ class Bench:
         return to_uint8(images).numpy(), None if labels is None else labels.numpy(), extra
 
     def run_cell(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> dict[str, Any]:
-        from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples
+        """The row of one cell: read if finished, otherwise computed here (after waiting for another worker that
+        holds it, which usually finishes it)."""
+        row = self._try_cell(model, setting, quant, wait=True)
+        assert row is not None  # a waiting claim always succeeds
+        return row
 
+    def _try_cell(
+        self, model: str, setting: SamplerSetting, quant: QuantSetting | None, wait: bool
+    ) -> dict[str, Any] | None:
+        """Like :meth:`run_cell`, but None (at once) when another worker holds the cell and ``wait`` is False."""
         path = self._cell_path(model, setting, quant)
         if path.is_file():
             return json.loads(path.read_text())
+        with claim(path.with_name(f".{path.stem}.lock"), wait=wait) as held:
+            if not held:
+                return None
+            if path.is_file():
+                return json.loads(path.read_text())
+            return self._compute_cell(model, setting, quant, path)
+
+    def _compute_cell(
+        self, model: str, setting: SamplerSetting, quant: QuantSetting | None, path: Path
+    ) -> dict[str, Any]:
+        from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples
+
         images, labels, extra = self._samples(model, setting, quant)
         npz = self.out / "samples" / path.with_suffix(".npz").name
         np.savez(npz, arr_0=images, **({"labels": labels} if labels is not None else {}))
@@ -265,6 +330,7 @@ class Bench:
             **extra,
         }
         if quant is not None:
+            self.run_cell(model, setting, None)  # the FP samples: made first, or by another worker
             fp_npz = self.out / "samples" / self._cell_path(model, setting, None).with_suffix(".npz").name
             fp_images = np.load(fp_npz)["arr_0"]
             fidelity = compare_to_fp(fp_images, images, device=self.device)
@@ -281,15 +347,27 @@ class Bench:
         cells = [
             (m, s, q) for m in self.config.models for s in self.config.samplers for q in [None, *self.config.quant]
         ]
-        rows = []
+        rows: dict[int, dict[str, Any]] = {}
         with progress_bar("benchmark cells", len(cells)) as bar:
-            for m, s, q in cells:
-                rows.append(self.run_cell(m, s, q))
+            held_elsewhere = []
+            for i, (m, s, q) in enumerate(cells):
+                row = self._try_cell(m, s, q, wait=False)
+                if row is None:
+                    logger.info("cell %s is being run by another worker", self._cell_path(m, s, q).stem)
+                    held_elsewhere.append(i)
+                    continue
+                rows[i] = row
                 bar.advance()
+            for i in held_elsewhere:
+                rows[i] = self.run_cell(*cells[i])
+                bar.advance()
+        ordered = [rows[i] for i in range(len(cells))]
         meta = {"config": self.config.name, "machine": machine(), "date": date.today().isoformat()}
-        (self.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
-        (self.out / "results.md").write_text(render_table(rows, meta))
-        return rows
+        with atomic_file(self.out / "results.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=2, default=float))
+        with atomic_file(self.out / "results.md", overwrite=True) as tmp:
+            tmp.write_text(render_table(ordered, meta))
+        return ordered
 
 
 def _f(value: Any, fmt: str) -> str:

@@ -503,7 +503,10 @@ def bench(
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Run a benchmark grid (model x scheme x method x sampler), resumable, writing JSON and Markdown."""
+    """Run a benchmark grid (model x scheme x method x sampler), resumable, writing JSON and Markdown.
+
+    Start the same command in several processes to split the grid: each cell is computed by one of them.
+    """
     _setup(quiet)
     from qdiffuse.bench import Bench, BenchConfig
 

@@ -82,6 +82,21 @@ def test_bad_bench_config_is_a_one_line_error(tmp_path: Path) -> None:
         BenchConfig.load(tmp_path / "missing.json")
 
 
+def test_unusable_bench_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    import pytest
+
+    from qdiffuse.bench import SamplerSetting
+    from qdiffuse.errors import OutputError
+
+    config = BenchConfig(name="b", models=["m"], samplers=[SamplerSetting("ddim", 3)], quant=[])
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputError, match="is a file"):
+        Bench(config, tmp_path / "file")
+    with pytest.raises(OutputError, match="cannot create the bench folder"):
+        Bench(config, tmp_path / "file" / "run")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_per_setting_config_and_reconstruction_with_ptqd(tmp_path: Path) -> None:
     """A setting's own QuantConfig fields get their own model folder; qdiffusion+ptqd stores noise statistics."""
     set_progress_enabled(False)

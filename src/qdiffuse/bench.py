@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from qdiffuse.config import NOISE_CORRECTING_METHODS, QuantConfig
-from qdiffuse.errors import ConfigError
+from qdiffuse.errors import ConfigError, OutputError
 from qdiffuse.fsutil import atomic_file, folder_size
 from qdiffuse.progress import progress_bar
 from qdiffuse.sampling.loop import SampleRequest, sample, to_uint8
@@ -179,9 +179,17 @@ class Bench:
         self.config = config
         self.out = Path(out)
         self.device = device
-        (self.out / "cells").mkdir(parents=True, exist_ok=True)
-        (self.out / "models").mkdir(exist_ok=True)
-        (self.out / "samples").mkdir(exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"bench output {self.out} is a file; pass a folder to --out")
+        try:
+            for sub in ("cells", "models", "samples"):
+                (self.out / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create the bench folder {self.out} ({exc.strerror}); choose another --out"
+            ) from None
+        if not os.access(self.out / "cells", os.W_OK):
+            raise OutputError(f"bench folder {self.out} is not writable; choose another --out")
 
     def _cell_path(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> Path:
         q = quant.key if quant else "fp"

@@ -252,7 +252,20 @@ def test_shipped_classifier_accuracy_and_fid_baseline(classifier: FMNISTClassifi
     assert "biased upward" in result["note"]
     assert result["precision"] > 0.6 and result["recall"] > 0.6
     assert result["label_accuracy"] >= 0.90
-    assert "| FID |" in format_table(result)
+    by_class = result["label_accuracy_by_class"]
+    counts = np.bincount(labels[:1000], minlength=10)
+    assert sorted(by_class, key=int) == [str(c) for c in range(10)]
+    assert sum(by_class[str(c)] * counts[c] for c in range(10)) / 1000 == pytest.approx(result["label_accuracy"])
+    assert min(by_class.values()) >= 0.5  # even shirts, the hardest class, are mostly recognised
+    table = format_table(result)
+    assert "| FID |" in table and "| label accuracy of class: 9 |" in table
+
+    # trousers passed off as bags: only the bag class loses accuracy
+    relabelled = np.where(labels[:1000] == 1, 8, labels[:1000])
+    wrong = evaluate_samples(real, labels=relabelled, kid_subsets=5)["label_accuracy_by_class"]
+    assert "1" not in wrong
+    assert wrong["8"] < 0.6 * by_class["8"]
+    assert all(wrong[c] == by_class[c] for c in wrong if c != "8")
 
     noise = np.random.default_rng(0).integers(0, 256, size=(1000, 32, 32, 1), dtype=np.uint8)
     noise_pool = extract_features(classifier, noise).pool

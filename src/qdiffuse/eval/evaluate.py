@@ -206,7 +206,8 @@ def evaluate_samples(
     optionally ``spatial_mu``/``spatial_sigma`` or ADM's ``mu_s``/``sigma_s``, and ``features`` for
     precision/recall and KID); precomputed statistics take precedence over images. Metrics whose inputs the
     reference lacks are left out. With ``labels`` and the classifier extractor, ``label_accuracy`` reports how
-    often the classifier agrees with the class the samples were conditioned on.
+    often the classifier agrees with the class the samples were conditioned on, and ``label_accuracy_by_class``
+    the same per class: one class the model cannot draw hides in the average but not there.
 
     ``fid_method`` picks how FID/sFID take the covariance square root (see
     :func:`~qdiffuse.eval.metrics.frechet_distance`): ``"eigh"`` (default, fast, agrees with the reference
@@ -244,7 +245,11 @@ def evaluate_samples(
         labels = np.asarray(labels)
         if labels.shape != (n,):
             raise DataError(f"labels have shape {labels.shape}, expected ({n},); pass one label per sample")
-        result["label_accuracy"] = float((feats.logits.argmax(axis=1) == labels).mean())
+        correct = feats.logits.argmax(axis=1) == labels
+        result["label_accuracy"] = float(correct.mean())
+        result["label_accuracy_by_class"] = {
+            str(int(c)): float(correct[labels == c].mean()) for c in np.unique(labels)
+        }
     if n < SMALL_N:
         result["note"] = _small_n_note(n)
     return result
@@ -316,6 +321,7 @@ _LABELS = {
     "kid_mean": "KID",
     "kid_std": "KID std",
     "label_accuracy": "label accuracy",
+    "label_accuracy_by_class": "label accuracy of class",
     "mse": "MSE (0-255)",
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",

@@ -219,3 +219,20 @@ def test_a_cell_held_elsewhere_is_waited_for_then_taken_over(tmp_path: Path, mon
     worker.join(timeout=300)
     assert counts == {"w8a8-minmax": 1, "FP": 1}
     assert [r["quant"] for r in results[0]] == ["FP", "w8a8-minmax"] and results[0][1]["psnr_to_fp"] > 0
+
+
+def test_shipped_configs_name_valid_schemes_methods_and_samplers() -> None:
+    """Every config in benchmarks/ loads and every cell's quantization config can be built, so a typo fails here,
+    not hours into a grid."""
+    from qdiffuse.config import QuantConfig
+    from qdiffuse.sampling.schedulers import SAMPLERS
+
+    configs = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.json"))
+    assert configs
+    for path in configs:
+        config = BenchConfig.load(path)
+        assert config.name == path.stem, path
+        for sampler in config.samplers:
+            assert sampler.sampler in SAMPLERS, path
+        for quant in config.quant:
+            QuantConfig.from_scheme(quant.scheme, method=quant.method, **{**config.calib, **quant.config})

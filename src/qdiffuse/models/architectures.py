@@ -77,7 +77,8 @@ _CONFIGS: dict[str, tuple[type[ModelMixin], str, dict[str, Any]]] = {
     ),
     # Patch 2 → 256 tokens: patch 4 (64 tokens) drew blocky sandals and sneakers, whose thin straps and soles
     # are 1–2 pixels wide. 4 heads × 32 = width 128; 4 blocks keep a step near 1.3 s on one CPU core (batch 32),
-    # still too slow to reach the every-class bar on a CPU (3500 steps draw clothes, not yet shoes and bags).
+    # so the shipped model could be trained on a CPU in three stages (6500 steps, 2.2 h; 3500 steps drew clothes
+    # but not yet shoes and bags).
     "fmnist-dit": (
         DiTTransformer2DModel,
         "transformer",

@@ -45,7 +45,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-dit",
             "fmnist-dit",
-            "class-conditional DiTTransformer2DModel, patch 2, ~1.4M parameters, Fashion-MNIST 32×32 (GPU recipe)",
+            "class-conditional DiTTransformer2DModel, patch 2, ~1.4M parameters, Fashion-MNIST 32×32 (CPU recipe)",
             "transformer",
         ),
     )

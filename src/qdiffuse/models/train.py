@@ -66,8 +66,8 @@ class Recipe:
 
 #: Default recipes per model name and hardware ("cpu" or "gpu"). The fmnist-tiny CPU recipe takes about an hour on
 #: one core; fmnist-ddpm is meant for a GPU (its CPU recipe takes hours). The fmnist-dit CPU recipe (43 min on one
-#: core) trains the model the CPU benchmarks use, which does not reach the every-class bar; the GPU recipes are
-#: sized for a single modern GPU.
+#: core) is the first of the three stages of the shipped model; the other two continue it with ``--init-from``
+#: (BENCHMARKS.md gives the commands). The GPU recipes are sized for a single modern GPU.
 RECIPES: dict[str, dict[str, Recipe]] = {
     "fmnist-tiny": {
         "cpu": Recipe(steps=1800, batch_size=64, lr=1.5e-3, ema_decay=0.998),
@@ -303,6 +303,12 @@ def _write_folder(
     weights = tmp / meta["subfolder"] / _WEIGHTS_FILE
     if not weights.is_file():
         raise OutputError(f"diffusers did not write {weights}; check free disk space and retry")
+    # A model continued with --init-from remembers the folder it was loaded from; that path means nothing to
+    # whoever receives this folder.
+    config_file = tmp / meta["subfolder"] / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     (tmp / "README.md").write_text(_model_card(meta))

@@ -205,6 +205,20 @@ def test_shipped_fmnist_dit_loads_with_plain_diffusers() -> None:
     assert "FP FID: not yet measured" not in card and "FP FID: 6.66" in card
 
 
+@pytest.mark.parametrize("name", ["fmnist-tiny", "fmnist-dit"])
+def test_shipped_fp_fid_is_recorded_with_its_command(name: str) -> None:
+    """The card's FP FID and qdiffuse.json's ``fp_fid`` record are the same measurement, whose benchmark config
+    ships in the repository, so a reader can rerun it."""
+    folder = builtin.builtin_path(name)
+    record = json.loads((folder / "qdiffuse.json").read_text())["fp_fid"]
+    assert {"value", "num", "sampler", "steps", "eta", "guidance", "seed", "command", "date"} <= set(record)
+    assert f"FP FID: {record['value']:.2f}" in (folder / "README.md").read_text()
+    config = record["command"].split("qdiffuse bench ", 1)[1].split()[0]
+    assert (Path(__file__).resolve().parents[1] / config).is_file()
+    bench = json.loads((Path(__file__).resolve().parents[1] / config).read_text())
+    assert name in bench["models"] and bench["num"] == record["num"] and bench["seed"] == record["seed"]
+
+
 def test_shipped_models_fit_the_package_budget() -> None:
     """The built-in folders (fp16 weights, cards, configs) ship in the wheel: together under 40 MB."""
     total = sum(f.stat().st_size for f in builtin.BUILTIN_ROOT.rglob("*") if f.is_file())

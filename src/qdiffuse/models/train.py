@@ -517,6 +517,7 @@ def train_diffusion(
         "weights_dtype": "float16",
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
+        # Filled in by hand once measured, with the bench command and settings, as the card's FP FID line is.
         "fp_fid": None,
     }
     stage = {k: meta[k] for k in ("batch_size", "lr", "warmup_steps", "lr_schedule", "ema_decay", "hardware")}

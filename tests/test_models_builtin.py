@@ -213,10 +213,10 @@ def test_shipped_fp_fid_is_recorded_with_its_command(name: str) -> None:
     record = json.loads((folder / "qdiffuse.json").read_text())["fp_fid"]
     assert {"value", "num", "sampler", "steps", "eta", "guidance", "seed", "command", "date"} <= set(record)
     assert f"FP FID: {record['value']:.2f}" in (folder / "README.md").read_text()
-    config = record["command"].split("qdiffuse bench ", 1)[1].split()[0]
-    assert (Path(__file__).resolve().parents[1] / config).is_file()
-    bench = json.loads((Path(__file__).resolve().parents[1] / config).read_text())
+    config = Path(__file__).resolve().parents[1] / record["command"].split("qdiffuse bench ", 1)[1].split()[0]
+    bench = json.loads(config.read_text())
     assert name in bench["models"] and bench["num"] == record["num"] and bench["seed"] == record["seed"]
+    assert {"sampler": record["sampler"], "steps": record["steps"], "eta": record["eta"]} in bench["samplers"]
 
 
 def test_shipped_models_fit_the_package_budget() -> None:

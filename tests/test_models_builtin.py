@@ -216,6 +216,7 @@ def test_shipped_fp_fid_is_recorded_with_its_command(name: str) -> None:
     config = Path(__file__).resolve().parents[1] / record["command"].split("qdiffuse bench ", 1)[1].split()[0]
     bench = json.loads(config.read_text())
     assert name in bench["models"] and bench["num"] == record["num"] and bench["seed"] == record["seed"]
+    assert bench["guidance"] == record["guidance"]
     assert {"sampler": record["sampler"], "steps": record["steps"], "eta": record["eta"]} in bench["samplers"]
 
 

@@ -71,14 +71,18 @@ def int_qparams(
     return scale, zero_point
 
 
-def quantize_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
-    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as integer-valued floats."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-
-
 def dequantize_int(q: Tensor, scale: Tensor, zero_point: Tensor | float) -> Tensor:
     """Real values ``(q - zero_point) * scale`` of integer codes."""
     return (q - zero_point) * scale
+
+
+def quantize_int(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
+    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as floats of ``x``'s dtype.
+
+    The one rounding rule of every integer path: the simulated quantizers and the integer kernels quantize an
+    activation with these same operations, so both see the same codes.
+    """
+    return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
 
 
 def fake_quant_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
@@ -91,8 +95,7 @@ def fake_quant_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: i
     if not needs_grad(x, scale, zero_point):
         # Same values in place: sampling calls this on every activation, and the STE's extra temporaries
         # cost more than the convolutions of a small model.
-        q = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
-        return q.sub_(zero_point).mul_(scale).to(x.dtype)
+        return quantize_int(x, scale, zero_point, qmin, qmax).sub_(zero_point).mul_(scale).to(x.dtype)
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)
 

@@ -210,7 +210,7 @@ class ActivationQuantizer(nn.Module):
                 scale = nvfp4_global_scale(x.detach().abs().amax())
             return fake_quantize(moved, spec, scale).movedim(-1, self.block_dim)
         if self.dynamic:
-            scale, zero_point = _dynamic_qparams(x.detach(), spec)
+            scale, zero_point = dynamic_qparams(x.detach(), spec)
         else:
             if self.scale is None:
                 raise RuntimeError("static activation quantizer used before calibration")
@@ -276,7 +276,7 @@ def activation_variants(model: nn.Module) -> list[str]:
     return []
 
 
-def _dynamic_qparams(x: Tensor, spec: FormatSpec) -> tuple[Tensor, Tensor | None]:
+def dynamic_qparams(x: Tensor, spec: FormatSpec) -> tuple[Tensor, Tensor | None]:
     if spec.kind == "int":
         return int_qparams(x.amin(), x.amax(), spec.bits, spec.symmetric, spec.unsigned)
     amax = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
@@ -311,4 +311,5 @@ __all__ = [
     "make_activation_quantizer",
     "set_activation_variant",
     "activation_variants",
+    "dynamic_qparams",
 ]

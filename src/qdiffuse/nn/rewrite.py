@@ -88,7 +88,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
                 split_at=splits.get(name),
                 act_variants=config.activation_variants(name),
             )
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
             plan.append(LayerPlan(name, cls.__name__, new.bits_label()))
         elif config.quantize_attention and is_diffusers_attention(module):
             formats = config.formats_for(name)
@@ -107,7 +107,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
     return plan
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)

@@ -1,0 +1,202 @@
+"""INT8 × INT8 → INT32 kernels for x86 CPUs (VNNI): oneDNN's quantized conv and linear, and ``torch._int_mm``.
+
+Measured on the development CPU (``benchmarks/kernel_candidates.py``, one thread): oneDNN's prepacked INT8 3×3
+conv runs 3.5–4.5× faster than FP32 and its linear 3–4×, both with the exact integer sum and a float32 epilogue
+(``acc · s_x · s_w + bias``), so they compute what the simulated layer computes up to float rounding. oneDNN
+wants its weights prepacked (a blocked int8 blob; repacking a 1280×1280×3×3 conv costs ~130 ms), so an 8-bit
+weight lives in memory in that layout, one byte per weight.
+
+4-bit weights stay two per byte and are unpacked per call, which rules out oneDNN's prepacking: linears then run
+on ``torch._int_mm``, and convolutions as im2col + ``_int_mm`` (the uint8 input is shifted to int8 by −128 and
+the shift is taken back with the weight's column sums). im2col copies the input k² times, so it only pays when
+the convolution is wide (``IM2COL_MIN_REDUCTION``); narrower W4 convolutions use oneDNN with an int8 copy of
+their (small) weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qdiffuse.kernels.base import ActCodes, IntegerKernel
+from qdiffuse.kernels.packing import pack_int4, unpack_int4
+
+IM2COL_MIN_REDUCTION = 1024
+"""Smallest C_in·k_h·k_w at which a W4 conv is run by im2col + ``_int_mm`` from packed nibbles."""
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def _shift_to_int8(codes: Tensor) -> Tensor:
+    """uint8 u -> int8 u − 128 (flipping the top bit is that subtraction in two's complement)."""
+    return (codes ^ 128).view(torch.int8)
+
+
+class OnednnConv2d(IntegerKernel):
+    """Prepacked INT8 conv (per-output-channel weight scales), float32 output in channels-last layout."""
+
+    name = "onednn-int8-conv"
+
+    def __init__(
+        self,
+        codes: Tensor,
+        weight_scale: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> None:
+        self.shape = tuple(codes.shape)
+        self.weight_scale = weight_scale.float().reshape(-1).contiguous()
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+        self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
+        # The prepacked blob does not depend on the activation scale; 1.0 / 0 are placeholders.
+        self.packed = torch.ops.onednn.qconv_prepack(
+            codes.contiguous(), self.weight_scale, 1.0, 0, self.stride, self.padding, self.dilation, groups, None
+        )
+
+    def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
+        codes = x.codes.contiguous(memory_format=torch.channels_last)
+        return torch.ops.onednn.qconv2d_pointwise(
+            codes, x.scale, x.zero_point, self.packed, self.weight_scale, self._zero_points, bias,
+            self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "",
+        )
+
+    def signed_codes(self) -> Tensor:
+        return self.packed.to_dense().reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.weight_scale.numel() * 4
+
+    def __deepcopy__(self, memo: dict) -> OnednnConv2d:
+        return OnednnConv2d(
+            self.signed_codes(), self.weight_scale.clone(), self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class OnednnLinear(IntegerKernel):
+    """Prepacked INT8 linear (per-output-channel weight scales), float32 output."""
+
+    name = "onednn-int8-linear"
+
+    def __init__(self, codes: Tensor, weight_scale: Tensor) -> None:
+        self.shape = tuple(codes.shape)
+        self.weight_scale = weight_scale.float().reshape(-1).contiguous()
+        self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
+        self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
+
+    def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
+        lead = x.codes.shape[:-1]
+        codes = x.codes.reshape(-1, self.shape[1]).contiguous()
+        out = torch.ops.onednn.qlinear_pointwise(
+            codes, x.scale, x.zero_point, self.packed, self.weight_scale, self._zero_points, bias,
+            1.0, 0, torch.float32, "none", [], "",
+        )
+        return out.reshape(*lead, self.shape[0])
+
+    def signed_codes(self) -> Tensor:
+        return self.packed.to_dense().t().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.weight_scale.numel() * 4
+
+    def __deepcopy__(self, memo: dict) -> OnednnLinear:
+        return OnednnLinear(self.signed_codes(), self.weight_scale.clone())
+
+
+class _Int4Matmul(IntegerKernel):
+    """Shared state of the W4 kernels: a [K, N] int8 matrix held as nibbles, with its column sums."""
+
+
+    def __init__(self, matrix_kn: Tensor, weight_scale: Tensor) -> None:
+        self.kn_shape = tuple(matrix_kn.shape)
+        self.nibbles = pack_int4(matrix_kn.contiguous())
+        self.column_sums = matrix_kn.to(torch.int32).sum(dim=0)
+        self.weight_scale = weight_scale.float().reshape(-1).contiguous()
+
+    def matmul(self, rows_u8: Tensor, x: ActCodes) -> Tensor:
+        """[M, K] uint8 codes @ W -> [M, N] float32 (exact integer sum, then the scales)."""
+        acc = torch._int_mm(_shift_to_int8(rows_u8), unpack_int4(self.nibbles, self.kn_shape))
+        acc = acc - (x.zero_point - 128) * self.column_sums
+        return acc.float() * (self.weight_scale * x.scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.nibbles.numel() + self.column_sums.numel() * 4 + self.weight_scale.numel() * 4
+
+
+class Int4Linear(_Int4Matmul):
+    """W4 linear from packed nibbles: unpack, ``torch._int_mm``."""
+
+    name = "int4-packed-int-mm-linear"
+
+    def __init__(self, codes: Tensor, weight_scale: Tensor) -> None:
+        self.shape = tuple(codes.shape)
+        super().__init__(codes.t(), weight_scale)
+
+    def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
+        lead = x.codes.shape[:-1]
+        out = self.matmul(x.codes.reshape(-1, self.shape[1]), x)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*lead, self.shape[0])
+
+    def signed_codes(self) -> Tensor:
+        return unpack_int4(self.nibbles, self.kn_shape).t().contiguous()
+
+
+class Int4Conv2d(_Int4Matmul):
+    """W4 conv (groups 1) from packed nibbles: im2col of the uint8 input, then ``torch._int_mm``."""
+
+    name = "int4-packed-im2col-conv"
+
+    def __init__(
+        self, codes: Tensor, weight_scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> None:
+        self.shape = tuple(codes.shape)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        out_ch, in_ch, kh, kw = self.shape
+        # Rows of the reduction ordered (kh, kw, C_in) to match the channels-last patches.
+        super().__init__(codes.permute(2, 3, 1, 0).reshape(kh * kw * in_ch, out_ch), weight_scale)
+
+    def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
+        out_ch, in_ch, kh, kw = self.shape
+        n = x.codes.shape[0]
+        nhwc = x.codes.permute(0, 2, 3, 1)
+        ph, pw = self.padding
+        if ph or pw:  # padding holds the zero point, the code of 0.0
+            padded = torch.full(
+                (n, nhwc.shape[1] + 2 * ph, nhwc.shape[2] + 2 * pw, in_ch), x.zero_point, dtype=torch.uint8
+            )
+            padded[:, ph : ph + nhwc.shape[1], pw : pw + nhwc.shape[2]] = nhwc
+            nhwc = padded
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        patches = nhwc.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
+        patches = patches[..., ::dh, ::dw]  # [N, H_out, W_out, C, kh, kw]
+        h_out, w_out = patches.shape[1], patches.shape[2]
+        rows = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * h_out * w_out, kh * kw * in_ch)
+        out = self.matmul(rows, x)
+        if bias is not None:
+            out = out + bias
+        return out.view(n, h_out, w_out, out_ch).permute(0, 3, 1, 2)
+
+    def signed_codes(self) -> Tensor:
+        out_ch, in_ch, kh, kw = self.shape
+        kn = unpack_int4(self.nibbles, self.kn_shape)
+        return kn.reshape(kh, kw, in_ch, out_ch).permute(3, 2, 0, 1).contiguous()
+
+
+__all__ = [
+    "OnednnConv2d",
+    "OnednnLinear",
+    "Int4Linear",
+    "Int4Conv2d",
+    "onednn_available",
+    "IM2COL_MIN_REDUCTION",
+]

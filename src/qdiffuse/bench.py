@@ -135,8 +135,13 @@ class BenchConfig:
     calib: dict[str, Any] = field(default_factory=dict)
     """QuantConfig fields for every cell: calibration counts, and policy fields such as ``fp_inputs``."""
     analysis_num: int = 64
+    runtime: str = "real"
+    """How quantized cells execute: ``real`` kernels (fallbacks reported per cell) or ``simulated``."""
 
     def __post_init__(self) -> None:
+        from qdiffuse.kernels import check_runtime
+
+        check_runtime(self.runtime)
         unknown = _unknown_config_fields(self.calib)
         if unknown:
             raise ConfigError(
@@ -159,6 +164,7 @@ class BenchConfig:
                 batch_size=int(data.get("batch_size", 100)),
                 calib=dict(data.get("calib", {})),
                 analysis_num=int(data.get("analysis_num", 64)),
+                runtime=str(data.get("runtime", "real")),
             )
         except FileNotFoundError:
             raise ConfigError(f"bench config {path} does not exist") from None
@@ -257,6 +263,7 @@ class Bench:
             return time.perf_counter() - start
 
     def _samples(self, model: str, setting: SamplerSetting, quant: QuantSetting | None) -> tuple[Any, ...]:
+        from qdiffuse.kernels import runtime_report
         from qdiffuse.noise.correction import PTQDOptions
         from qdiffuse.pipeline import load_any, sampling_hooks
 
@@ -269,7 +276,8 @@ class Bench:
             extra["size_bytes"] = sum(p.numel() * 4 for p in loaded.denoiser.model.state_dict().values())
         else:
             source, calib_cost = self._quantized_folder(model, quant)
-            loaded = load_any(source, self.device)
+            loaded = load_any(source, self.device, self.config.runtime)
+            extra["runtime"] = runtime_report(loaded.denoiser.model).summary()
             ptqd = quant.corrects_noise
             options = PTQDOptions(**quant.ptqd) if ptqd else None
             if ptqd:

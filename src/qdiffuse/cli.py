@@ -24,6 +24,13 @@ app = typer.Typer(
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Runtime = Annotated[
+    str,
+    typer.Option(
+        help="How a quantized folder runs: real (packed weights on INT8/FP8/INT4 kernels; layers without a kernel "
+        "fall back to simulated compute, reported) or simulated (float weights, fake quantization)."
+    ),
+]
 
 
 def parse_labels(text: str | None) -> tuple[int, ...] | None:
@@ -238,12 +245,14 @@ def sample(
     ] = False,
     fp_model: Annotated[str | None, typer.Option("--fp", help="FP model, if statistics must be measured.")] = None,
     batch_size: int = 64,
+    runtime: Runtime = "real",
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Sample images; the same seed gives the same noise for FP and quantized models."""
     _setup(quiet)
+    from qdiffuse.api import quant_state
     from qdiffuse.fsutil import check_output_path
     from qdiffuse.imageio import save_grid, save_samples
     from qdiffuse.noise.correction import PTQDOptions
@@ -264,8 +273,13 @@ def sample(
     check_output_path(out, overwrite)
     if grid is not None:
         check_output_path(grid, overwrite)
+    from qdiffuse.kernels import check_runtime, runtime_report
+
+    check_runtime(runtime)
     device = resolve_device(device)
-    loaded = load_any(model, device)
+    loaded = load_any(model, device, runtime)
+    if quant_state(loaded.denoiser.model) is not None:
+        typer.echo(runtime_report(loaded.denoiser.model).summary(), err=True)
     cond = load_condition(condition)
     options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
     hooks = sampling_hooks(
@@ -345,8 +359,14 @@ def analyze(
 
 
 @app.command()
-def info(folder: Annotated[Path, typer.Argument(help="A quantized model folder.")]) -> None:
-    """Print scheme, size, compute, precision plan and per-layer formats of a quantized folder."""
+def info(
+    folder: Annotated[Path, typer.Argument(help="A quantized model folder.")],
+    layer_runtime: Annotated[
+        bool,
+        typer.Option("--runtime", help="Per layer: its kernel, bytes in memory and, for a fallback, why."),
+    ] = False,
+) -> None:
+    """Print scheme, size, memory, kernels, compute, precision plan and per-layer formats of a quantized folder."""
     import json
 
     from qdiffuse.io import describe_folder, is_quantized_folder
@@ -363,6 +383,17 @@ def info(folder: Annotated[Path, typer.Argument(help="A quantized model folder."
         f"size:       {desc['bytes_on_disk'] / mib:.2f} MiB on disk "
         f"(FP32 {desc['fp32_bytes'] / mib:.2f} MiB, {ratio:.2f}x smaller)"
     )
+    from qdiffuse.io import load_quantized
+    from qdiffuse.kernels import model_bytes, runtime_report
+
+    model = load_quantized(folder, "cpu").denoiser.model
+    report = runtime_report(model)
+    memory = model_bytes(model)["total"]
+    typer.echo(
+        f"memory:     {memory / mib:.2f} MiB loaded on the real runtime (FP32 {desc['fp32_bytes'] / mib:.2f} MiB, "
+        f"{desc['fp32_bytes'] / max(memory, 1):.2f}x smaller)"
+    )
+    typer.echo(f"            {report.summary()}")
     calib = desc["calibration"]
     if calib:
         typer.echo(f"calibrated: {calib.get('inputs')} inputs over {len(calib.get('timesteps', []))} timesteps")
@@ -385,8 +416,14 @@ def info(folder: Annotated[Path, typer.Argument(help="A quantized model folder."
             typer.echo(f"  t={t:<5} {plan.per_timestep[t]}")
     typer.echo(f"layers:     {len(desc['plan'])} quantized")
     width = max((len(p["name"]) for p in desc["plan"]), default=10)
+    by_name = {layer.name: layer for layer in report.layers}
     for p in desc["plan"]:
         typer.echo(f"  {p['name']:<{width}}  {p['label']}")
+        layer = by_name.get(p["name"])
+        if layer_runtime and layer is not None:
+            typer.echo(f"  {'':<{width}}    {' + '.join(layer.kernels)}, {layer.packed_bytes / 1024:.1f} KiB")
+            for reason in layer.fallback:
+                typer.echo(f"  {'':<{width}}    fallback: {reason}")
 
 
 @app.command()
@@ -398,6 +435,7 @@ def demo(
     num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 50,
     steps: Annotated[int, typer.Option(help="DDIM steps (eta 0).")] = 20,
     guidance: float = 2.0,
+    runtime: Runtime = "real",
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -407,7 +445,8 @@ def demo(
     from qdiffuse.demo import run_demo
 
     report = run_demo(
-        out, model=model, num=num, steps=steps, guidance=guidance, overwrite=overwrite, device=resolve_device(device)
+        out, model=model, num=num, steps=steps, guidance=guidance, overwrite=overwrite, device=resolve_device(device),
+        runtime=runtime,
     )
     typer.echo(report.read_text())
     typer.echo(f"wrote {report}")
@@ -500,6 +539,9 @@ def evaluate(
 def bench(
     config: Annotated[Path, typer.Argument(help="Benchmark config JSON (see benchmarks/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder; finished cells are reused.")],
+    runtime: Annotated[
+        str | None, typer.Option(help="real or simulated; overrides the config's 'runtime' (default real).")
+    ] = None,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -511,6 +553,12 @@ def bench(
     from qdiffuse.bench import Bench, BenchConfig
 
     cfg = BenchConfig.load(config)
+    if runtime is not None:
+        from dataclasses import replace
+
+        from qdiffuse.kernels import check_runtime
+
+        cfg = replace(cfg, runtime=check_runtime(runtime))
     Bench(cfg, out, resolve_device(device)).run()
     typer.echo((out / "results.md").read_text())
 

@@ -32,6 +32,7 @@ def run_demo(
     calib: dict[str, Any] | None = None,
     analysis_num: int = 32,
     device: str = "cpu",
+    runtime: str = "real",
 ) -> Path:
     """Run the demo into folder ``out`` (written atomically); returns the report path.
 
@@ -50,6 +51,7 @@ def run_demo(
         batch_size=min(num, 100),
         calib=calib,
         analysis_num=analysis_num,
+        runtime=runtime,
     )
     with atomic_dir(out, overwrite) as tmp:
         rows = Bench(config, tmp / "bench", device).run()

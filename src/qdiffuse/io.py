@@ -29,10 +29,12 @@ from qdiffuse.config import QuantConfig
 from qdiffuse.errors import ModelLoadError
 from qdiffuse.formats import pack_bits, unpack_bits
 from qdiffuse.fsutil import atomic_dir, folder_size
+from qdiffuse.kernels.freeze import RuntimeReport
+from qdiffuse.kernels.modules import RealLayer
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.models.loading import META_FILE, LoadedModel, build_model, read_json
 from qdiffuse.nn.layers import QuantLayer
-from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model
+from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model, set_submodule
 
 QUANT_JSON = "quantization.json"
 QUANT_WEIGHTS = "quantized.safetensors"
@@ -48,6 +50,19 @@ def _code_bits(layer: QuantLayer) -> int:
     return layer.weight_spec.value_bits
 
 
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer | RealLayer]]:
+    """Simulated and real quantized layers, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLayer, RealLayer))]
+
+
+def _storage_codes(layer: QuantLayer | RealLayer) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """Per split: the codes as stored on disk and the weight shape they decode to."""
+    if isinstance(layer, RealLayer):
+        return [(layer.storage_codes(k), shape) for k, shape in enumerate(layer.weight_shapes())]
+    parts = layer.weight_parts(layer.weight)
+    return [(q.encode(p), tuple(p.shape)) for q, p in zip(layer.weight_quantizers, parts, strict=True)]
+
+
 def save_quantized(
     loaded: LoadedModel, out: Path, overwrite: bool = False, extra_files: dict[str, str] | None = None
 ) -> Path:
@@ -60,13 +75,11 @@ def save_quantized(
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
     skip: set[str] = set()
-    for name, layer in quant_layers(model):
+    for name, layer in quantized_layers(model):
         skip.add(f"{name}.weight")
-        parts = layer.weight_parts(layer.weight)
         entry = {"splits": list(layer.splits), "shapes": [], "code_shapes": [], "bits": _code_bits(layer)}
-        for k, (quantizer, part) in enumerate(zip(layer.weight_quantizers, parts, strict=True)):
-            codes = quantizer.encode(part)
-            entry["shapes"].append(list(part.shape))
+        for k, (codes, shape) in enumerate(_storage_codes(layer)):
+            entry["shapes"].append(list(shape))
             entry["code_shapes"].append(list(codes.shape))
             tensors[f"{name}{CODES}{k}"] = pack_bits(codes, entry["bits"]) if entry["bits"] < 8 else codes.flatten()
         entry["weight_hardened"] = layer.weight_hardened
@@ -102,8 +115,18 @@ def save_quantized(
     return Path(out)
 
 
-def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
-    """Rebuild a quantized model from its folder; its outputs equal those of the model that was saved."""
+def load_quantized(folder: str | Path, device: str = "cpu", runtime: str = "real") -> LoadedModel:
+    """Rebuild a quantized model from its folder; its outputs equal those of the model that was saved.
+
+    ``runtime="real"`` (the default) builds each quantized layer straight from its stored codes on the kernel the
+    dispatch picks, so no float32 copy of a quantized weight is ever made: the skeleton's parameters live on the
+    meta device until the folder's tensors fill them. ``"simulated"`` decodes the codes into float weights, the
+    path calibration and research code use. ``qdiffuse.kernels.runtime_report(model)`` says what runs where.
+    """
+    from qdiffuse.kernels import RuntimeReport, check_runtime
+    from qdiffuse.kernels.freeze import REPORT_ATTR, attention_note
+
+    check_runtime(runtime)
     folder = Path(folder)
     manifest = read_json(folder / QUANT_JSON, "quantization manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -119,23 +142,25 @@ def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
     except (KeyError, TypeError) as exc:
         raise ModelLoadError(f"{folder / QUANT_JSON} is malformed ({exc}); re-run qdiffuse quantize") from None
     model_config = read_json(folder / sub / "config.json", "model config")
-    model = build_model(model_config, str(folder / sub))
+    model = build_model(model_config, str(folder / sub), meta=True)
     quantize_model(model, config)
-    tensors = _read_tensors(folder / QUANT_WEIGHTS)
-    _load_tensors(model, tensors, layers_meta, folder)
+    tensors = _read_tensors(folder / QUANT_WEIGHTS, device)
+    report = RuntimeReport(runtime, attention=attention_note(model) if runtime == "real" else None)
+    _load_tensors(model, tensors, layers_meta, folder, report, torch.device(device))
     model.to(device).eval()
+    setattr(model, REPORT_ATTR, report)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
     meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
     setattr(model, STATE_ATTR, QuantState(config, plan, manifest.get("calibration", {})))
     return LoadedModel(Denoiser.from_model(model, meta), scheduler_config, str(folder), sub, meta)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device))
     except FileNotFoundError:
         raise ModelLoadError(f"{path} is missing; the quantized folder is incomplete") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -143,8 +168,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_tensors(
-    model: nn.Module, tensors: dict[str, torch.Tensor], layers_meta: dict[str, Any], folder: Path
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    layers_meta: dict[str, Any],
+    folder: Path,
+    report: RuntimeReport,
+    device: torch.device,
 ) -> None:
+    from qdiffuse.kernels import LayerRuntime, real_layer
+
     layers = dict(quant_layers(model))
     if set(layers) != set(layers_meta):
         raise ModelLoadError(f"{folder}: quantized layers do not match the manifest; the folder is inconsistent")
@@ -158,18 +190,27 @@ def _load_tensors(
                     if key in tensors:
                         setattr(quantizer, buf, tensors[key].float())
                         used.add(key)
-            parts = []
-            for k, quantizer in enumerate(layer.weight_quantizers):
+            codes = []
+            for k in range(len(layer.weight_quantizers)):
                 key = f"{name}{CODES}{k}"
                 code_shape = entry["code_shapes"][k]
-                numel = math.prod(code_shape)
                 raw = tensors[key]
-                codes = unpack_bits(raw, entry["bits"], numel) if entry["bits"] < 8 else raw
-                parts.append(quantizer.decode(codes.reshape(code_shape), torch.Size(entry["shapes"][k])))
+                unpacked = unpack_bits(raw, entry["bits"], math.prod(code_shape)) if entry["bits"] < 8 else raw
+                codes.append(unpacked.reshape(code_shape))
                 used.add(key)
-            with torch.no_grad():
-                layer.weight.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            _check_shapes(layer, entry, name)
+            if report.runtime == "real":
+                real, reasons = real_layer(layer, codes, device)
+                set_submodule(model, name, real)
+                report.layers.append(LayerRuntime(name, real.kernel_names, real.packed_bytes(), reasons))
+                continue
+            parts = [
+                q.decode(c, torch.Size(shape))
+                for q, c, shape in zip(layer.weight_quantizers, codes, entry["shapes"], strict=True)
+            ]
+            layer.weight = nn.Parameter(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
             layer.weight_hardened = bool(entry.get("weight_hardened", True))
+            report.layers.append(LayerRuntime(name, ["simulated"], 0))
     except KeyError as exc:
         raise ModelLoadError(f"{folder / QUANT_WEIGHTS} lacks tensor {exc}; the folder is incomplete") from None
     except RuntimeError as exc:
@@ -178,8 +219,17 @@ def _load_tensors(
     _assign_state(model, rest, folder, loaded=used)
 
 
+def _check_shapes(layer: QuantLayer, entry: dict[str, Any], name: str) -> None:
+    """The manifest's split shapes must be the ones the model config gives the layer."""
+    expected = [list(p.shape) for p in layer.weight_parts(layer.weight)]
+    if entry["shapes"] != expected:
+        raise ModelLoadError(f"{name}: stored weight shapes {entry['shapes']} != model {expected}")
+
+
 def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, loaded: set[str]) -> None:
-    """Load parameters and buffers, including quantizer buffers that are None until calibration sets them."""
+    """Load parameters and buffers, including quantizer buffers that are None until calibration sets them.
+
+    Parameters are assigned, not copied, because the skeleton's parameters live on the meta device."""
     weight_keys = {f"{n}.weight" for n, _ in quant_layers(model)}
     missing = sorted(set(model.state_dict()) - weight_keys - loaded - set(tensors))
     if missing:
@@ -191,13 +241,12 @@ def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
         except AttributeError:
             raise ModelLoadError(f"{folder / QUANT_WEIGHTS} has unknown tensor {key}") from None
         current = getattr(module, attr, None)
-        if current is None and attr == "bias" and isinstance(module, QuantLayer):
-            module.add_to_bias(value.float())  # a bias that bias correction gave a layer that had none
+        if current is None and attr == "bias" and isinstance(module, (QuantLayer, RealLayer)):
+            module.bias = nn.Parameter(value.float())  # a bias that bias correction gave a layer that had none
         elif isinstance(current, nn.Parameter):
             if current.shape != value.shape:
                 raise ModelLoadError(f"{key}: stored shape {tuple(value.shape)} != model {tuple(current.shape)}")
-            with torch.no_grad():
-                current.copy_(value)
+            module._parameters[attr] = nn.Parameter(value.to(current.dtype), requires_grad=current.requires_grad)
         elif attr in module._buffers:
             module._buffers[attr] = value.float() if value.is_floating_point() else value
         else:
@@ -205,6 +254,9 @@ def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
     uncalibrated = [n for n, m in model.named_modules() if hasattr(m, "calibrated") and not m.calibrated]
     if uncalibrated:
         raise ModelLoadError(f"{folder / QUANT_WEIGHTS} lacks quantizer parameters of {uncalibrated[:3]}")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ModelLoadError(f"{folder / QUANT_WEIGHTS} lacks {left[:3]}; the folder is incomplete")
 
 
 def describe_folder(folder: str | Path) -> dict[str, Any]:
@@ -241,4 +293,4 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
         raise ModelLoadError(f"{folder / QUANT_JSON} is malformed ({exc}); re-run qdiffuse quantize") from None
 
 
-__all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "describe_folder"]
+__all__ = ["save_quantized", "load_quantized", "quantized_layers", "is_quantized_folder", "describe_folder"]

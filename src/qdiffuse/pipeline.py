@@ -21,10 +21,10 @@ from qdiffuse.sampling.loop import SampleRequest
 COST_FILE = "cost.json"
 
 
-def load_any(model: str | Path, device: str = "cpu") -> LoadedModel:
-    """A quantized folder, a diffusers folder or a built-in name."""
+def load_any(model: str | Path, device: str = "cpu", runtime: str = "real") -> LoadedModel:
+    """A quantized folder (on the ``runtime`` asked for), a diffusers folder or a built-in name."""
     if is_quantized_folder(model):
-        return load_quantized(model, device)
+        return load_quantized(model, device, runtime)
     return load_model_folder(model, device)
 
 

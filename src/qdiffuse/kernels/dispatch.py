@@ -21,6 +21,7 @@ from qdiffuse.kernels.cpu_int8 import (
     IM2COL_MIN_REDUCTION,
     Int4Conv2d,
     Int4Linear,
+    Int4PrepackConv2d,
     OnednnConv2d,
     OnednnLinear,
     onednn_available,
@@ -99,10 +100,8 @@ def _int4_packed_problem(part: Part) -> str | None:
     problem = _int8_problem(part, max_weight_bits=4)
     if problem:
         return problem
-    if part.is_conv and part.layer.groups != 1:
-        return "grouped convolution"
-    if part.is_conv and _reduction(part) < IM2COL_MIN_REDUCTION:
-        return f"reduction {_reduction(part)} < {IM2COL_MIN_REDUCTION}: im2col costs more than the int8 copy saves"
+    if part.is_conv and part.layer.groups != 1 and _reduction(part) >= IM2COL_MIN_REDUCTION:
+        return "grouped wide convolution (im2col handles groups 1)"
     if (part.weight_shape[0] * _reduction(part)) % 2:
         return "odd number of weights"
     return None
@@ -131,6 +130,10 @@ def _build_onednn(part: Part) -> WeightKernel:
 
 
 def _build_int4(part: Part) -> WeightKernel:
+    if part.is_conv and _reduction(part) < IM2COL_MIN_REDUCTION:
+        return Int4PrepackConv2d(
+            part.signed_codes(), part.weight_scale(), *_conv_geometry(part.layer), part.layer.groups
+        )
     if part.is_conv:
         return Int4Conv2d(part.signed_codes(), part.weight_scale(), *_conv_geometry(part.layer))
     return Int4Linear(part.signed_codes(), part.weight_scale())
@@ -191,7 +194,9 @@ def select_kernel(part: Part) -> tuple[WeightKernel, list[str]]:
         if problem is None:
             return backend.build(part), []
         reasons.append(f"{backend.name}: {problem}")
-    return FALLBACK.build(part), reasons
+    # A backend made for another weight format says nothing useful about this part.
+    relevant = [r for r in reasons if ": weights " not in r]
+    return FALLBACK.build(part), relevant or reasons[-1:]
 
 
 def available() -> dict[str, bool]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,31 @@ def find_model_subfolder(folder: Path) -> str:
     )
 
 
-def build_model(config: dict[str, Any], where: str) -> nn.Module:
-    """Instantiate a diffusers model class from its config dict, without weights."""
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no storage); buffers stay real.
+
+    Buffers that diffusers computes at construction and never saves (a DiT's position embedding) must survive,
+    which a plain ``torch.device("meta")`` context would lose. Each parameter is allocated once, moved to meta
+    and freed, so building even a large skeleton holds at most one real parameter at a time.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_model(config: dict[str, Any], where: str, meta: bool = False) -> nn.Module:
+    """Instantiate a diffusers model class from its config dict, without weights (``meta``: parameters on the
+    meta device, to be filled by the caller)."""
     import diffusers
 
     class_name = config.get("_class_name")
@@ -81,7 +106,7 @@ def build_model(config: dict[str, Any], where: str) -> nn.Module:
         )
     cls = getattr(diffusers, class_name)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (parameters_on_meta() if meta else nullcontext()):
             warnings.simplefilter("ignore")
             return cls.from_config(config)
     except Exception as exc:  # diffusers raises many types for bad configs

@@ -563,6 +563,36 @@ def bench(
     typer.echo((out / "results.md").read_text())
 
 
+@app.command()
+def speed(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="fmnist-tiny, fmnist-dit (default: both), sd15-unet, dit-xl2 (random weights, large)."),
+    ] = None,
+    schemes: Annotated[str, typer.Option(help="Comma-separated schemes to quantize (minmax) and time.")] = (
+        "w8a8,w4a8,w8a16,w4a16"
+    ),
+    batch: Annotated[
+        str | None, typer.Option(help="Batch sizes, e.g. 1,8,64 (default: 1,8,64 built-ins; 1,2,8 large models).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls per row (the median is reported).")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before them.")] = 2,
+    threads: Annotated[int, typer.Option(help="torch.set_num_threads for the whole run.")] = 1,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time torchao / quanto if installed.")] = True,
+    simulated: Annotated[str, typer.Option(help="Scheme also timed before freeze: auto (the first) or none.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write every row as JSON.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Denoiser latency and weight memory of FP32, BF16 and real quantized runtimes, side by side (CPU)."""
+    _setup(quiet)
+    from qdiffuse.speed import speed_command
+
+    log = None if quiet else (lambda line: typer.echo(line, err=True))
+    typer.echo(speed_command(models, schemes, batch, repeats, warmup, threads, peers, simulated, json_out, overwrite,
+                             log), nl=False)
+
+
 def _is_a(exc: BaseException, name: str) -> bool:
     """Match click's exception classes by name: typer bundles its own copy of them, click may be another."""
     return any(cls.__name__ == name for cls in type(exc).__mro__)
@@ -570,6 +600,9 @@ def _is_a(exc: BaseException, name: str) -> bool:
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages and exit code 2."""
+    from qdiffuse.allocator import keep_freed_memory
+
+    keep_freed_memory()
     command = typer.main.get_command(app)
     try:
         command.main(args=sys.argv[1:], prog_name="qdiffuse", standalone_mode=False)

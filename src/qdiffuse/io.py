@@ -124,7 +124,7 @@ def load_quantized(folder: str | Path, device: str = "cpu", runtime: str = "real
     path calibration and research code use. ``qdiffuse.kernels.runtime_report(model)`` says what runs where.
     """
     from qdiffuse.kernels import RuntimeReport, check_runtime
-    from qdiffuse.kernels.freeze import REPORT_ATTR, attention_note
+    from qdiffuse.kernels.freeze import REPORT_ATTR, realize_attention
 
     check_runtime(runtime)
     folder = Path(folder)
@@ -145,8 +145,10 @@ def load_quantized(folder: str | Path, device: str = "cpu", runtime: str = "real
     model = build_model(model_config, str(folder / sub), meta=True)
     quantize_model(model, config)
     tensors = _read_tensors(folder / QUANT_WEIGHTS, device)
-    report = RuntimeReport(runtime, attention=attention_note(model) if runtime == "real" else None)
+    report = RuntimeReport(runtime)
     _load_tensors(model, tensors, layers_meta, folder, report, torch.device(device))
+    if runtime == "real":
+        report.attention = realize_attention(model, torch.device(device))
     model.to(device).eval()
     setattr(model, REPORT_ATTR, report)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")

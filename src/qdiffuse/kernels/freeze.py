@@ -66,7 +66,7 @@ class RuntimeReport:
         counts = ", ".join(f"{n}× {k}" for k, n in sorted(self.kernel_counts().items(), key=lambda kv: -kv[1]))
         line = f"runtime: real, {len(self.layers)} layers ({counts}); weights {self.packed_bytes / 2**20:.2f} MiB"
         if self.fallbacks:
-            line += f"; {len(self.fallbacks)} on simulated compute (see `qdiffuse info --runtime`)"
+            line += f"; {len(self.fallbacks)} layers on simulated compute (see `qdiffuse info --runtime`)"
         if self.attention:
             line += f"; {self.attention}"
         return line
@@ -101,11 +101,29 @@ def _split_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
     return [(full[0], s, *full[2:]) for s in layer.splits]
 
 
-def attention_note(model: nn.Module) -> str | None:
+def realize_attention(model: nn.Module, device: torch.device) -> str | None:
+    """Put every quantized attention whose formats an integer kernel takes on :class:`RealAttnProcessor`;
+    returns what ran where, in words (None: the model quantizes no attention)."""
+    from qdiffuse.kernels.attention import RealAttnProcessor, integer_attention_problem
     from qdiffuse.nn.attention import QuantAttnProcessor
 
-    n = sum(isinstance(getattr(m, "processor", None), QuantAttnProcessor) for m in model.modules())
-    return f"{n} attention matmul pairs simulated (no batched integer matmul kernel)" if n else None
+    real, simulated = 0, Counter()
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if not isinstance(processor, QuantAttnProcessor):
+            continue
+        if isinstance(processor, RealAttnProcessor):
+            real += 1
+            continue
+        problem = integer_attention_problem(processor, device)
+        if problem is None:
+            module.set_processor(RealAttnProcessor(processor))
+            real += 1
+        else:
+            simulated[problem] += 1
+    parts = [f"{real} attention matmul pairs on {RealAttnProcessor.name}"] if real else []
+    parts += [f"{n} attention matmul pairs simulated ({why})" for why, n in simulated.items()]
+    return "; ".join(parts) or None
 
 
 def freeze(model: nn.Module) -> RuntimeReport:
@@ -113,7 +131,7 @@ def freeze(model: nn.Module) -> RuntimeReport:
     from qdiffuse.nn.rewrite import quant_layers, set_submodule
 
     device = _model_device(model)
-    report = RuntimeReport("real", attention=attention_note(model))
+    report = RuntimeReport("real", attention=realize_attention(model, device))
     for name, layer in list(quant_layers(model)):
         codes = [q.encode(p) for q, p in zip(layer.weight_quantizers, layer.weight_parts(layer.weight), strict=True)]
         real, reasons = real_layer(layer, codes, device)

@@ -96,12 +96,7 @@ class QuantAttnProcessor(nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        scores = self._q(self.q_quantizer, query) @ self._q(self.k_quantizer, key).transpose(-1, -2)
-        scores = scores * (1.0 / math.sqrt(head_dim))
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)
-        hidden_states = self._q(self.softmax_quantizer, probs) @ self._q(self.v_quantizer, value)
+        hidden_states = self.attend(query, key, value, attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -112,6 +107,15 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """softmax(Q Kᵀ / √d + mask) V on [B, heads, tokens, d] with every operand quantized."""
+        scores = self._q(self.q_quantizer, query) @ self._q(self.k_quantizer, key).transpose(-1, -2)
+        scores = scores * (1.0 / math.sqrt(query.shape[-1]))
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(dim=-1)
+        return self._q(self.softmax_quantizer, probs) @ self._q(self.v_quantizer, value)
 
     def quantizers(self) -> dict[str, nn.Module]:
         return {

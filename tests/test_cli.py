@@ -143,7 +143,9 @@ def test_quantize_sample_info(
     res = run("sample", qfolder, "--out", out1, "--grid", grid, *args)
     assert res.code == 0, res.stderr
     assert res.stderr == ""  # --quiet: no progress, no library warnings
-    assert res.stdout.strip() == f"wrote {out1} (3 images)"
+    wrote, runtime = res.stdout.strip().splitlines()
+    assert wrote == f"wrote {out1} (3 images)"
+    assert runtime.startswith("runtime: real, ")
     assert run("sample", qfolder, "--out", out2, *args).code == 0
     with np.load(out1) as a, np.load(out2) as b:
         arr = a["arr_0"]

@@ -278,8 +278,6 @@ def sample(
     check_runtime(runtime)
     device = resolve_device(device)
     loaded = load_any(model, device, runtime)
-    if quant_state(loaded.denoiser.model) is not None:
-        typer.echo(runtime_report(loaded.denoiser.model).summary(), err=True)
     cond = load_condition(condition)
     options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
     hooks = sampling_hooks(
@@ -293,6 +291,8 @@ def sample(
     if grid is not None:
         save_grid(grid, arr, overwrite)
     typer.echo(f"wrote {out} ({arr.shape[0]} images)")
+    if quant_state(loaded.denoiser.model) is not None:
+        typer.echo(runtime_report(loaded.denoiser.model).summary())
 
 
 @app.command()

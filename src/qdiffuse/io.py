@@ -124,6 +124,7 @@ def load_quantized(folder: str | Path, device: str = "cpu", runtime: str = "real
     path calibration and research code use. ``qdiffuse.kernels.runtime_report(model)`` says what runs where.
     """
     from qdiffuse.kernels import RuntimeReport, check_runtime
+    from qdiffuse.kernels.base import pin_static_params
     from qdiffuse.kernels.freeze import REPORT_ATTR, realize_attention
 
     check_runtime(runtime)
@@ -149,6 +150,7 @@ def load_quantized(folder: str | Path, device: str = "cpu", runtime: str = "real
     _load_tensors(model, tensors, layers_meta, folder, report, torch.device(device))
     if runtime == "real":
         report.attention = realize_attention(model, torch.device(device))
+        pin_static_params(model)
     model.to(device).eval()
     setattr(model, REPORT_ATTR, report)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")

@@ -7,8 +7,9 @@ the zero point), then, per head and per block of query rows whose scores fit in 
 QKᵀ, the softmax and its 8-bit codes, and multiplies those codes by V's. The scales are applied once to the
 result. Products of integer codes are exact in float32 while a dot product stays below 2²⁴ (Q·Kᵀ: any head
 dimension up to 258), so Q·Kᵀ equals the integer product exactly and softmax·V up to float accumulation. Measured
-single-threaded (``benchmarks/attention_candidates.py``): 1.5× faster than the simulated processor at 256
-tokens and 4.4× at 4096, where the simulated one spills a 1 GB score matrix.
+single-threaded (``benchmarks/attention_candidates.py``, BENCHMARKS.md): 1.2–1.6× faster than the simulated
+processor at 256–1024 tokens and ~6× at 4096, where the simulated one spills a 1 GB score matrix; still slower
+than FP32 ``scaled_dot_product_attention``, which never materialises the scores and has no softmax quantizer.
 
 ``torch._int_mm`` per head was measured as well and is not faster at these head dimensions (32–80): the GEMMs
 are a small part of attention, the passes over the score matrix are the rest.
@@ -21,10 +22,10 @@ import math
 import torch
 from torch import Tensor
 
-from qdiffuse.formats import int_bounds, quantize_int
-from qdiffuse.kernels.base import active_quantizer
+from qdiffuse.formats import quantize_int
+from qdiffuse.kernels.base import active_quantizer, int_params
 from qdiffuse.nn.attention import QuantAttnProcessor
-from qdiffuse.nn.quantizer import ActivationQuantizer, SwitchableActivationQuantizer, dynamic_qparams
+from qdiffuse.nn.quantizer import ActivationQuantizer, SwitchableActivationQuantizer
 
 BLOCK_ELEMENTS = 1 << 16
 """Score elements per block (256 KiB of float32): the block's passes stay in the L2 cache."""
@@ -32,13 +33,9 @@ BLOCK_ELEMENTS = 1 << 16
 
 def centred_codes(quantizer: ActivationQuantizer, x: Tensor) -> tuple[Tensor, float]:
     """``q − zero_point`` as integer-valued floats, and the scale: ``x ≈ codes · scale``."""
-    spec = quantizer.spec
-    qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
-    scale, zero_point = dynamic_qparams(x.detach(), spec) if quantizer.dynamic else (quantizer.scale,
-                                                                                       quantizer.zero_point)
-    zp = 0.0 if zero_point is None else float(zero_point)
-    codes = quantize_int(x, scale.to(x.dtype), zp, qmin, qmax)
-    return (codes.sub_(zp) if zp else codes), float(scale)
+    p = int_params(quantizer, x)
+    codes = quantize_int(x, p.scale, p.zero_point, p.qmin, p.qmax)
+    return (codes.sub_(p.zero_point) if p.zero_point else codes), p.scale
 
 
 class RealAttnProcessor(QuantAttnProcessor):
@@ -56,7 +53,9 @@ class RealAttnProcessor(QuantAttnProcessor):
         self.v_quantizer = simulated.v_quantizer
         self.softmax_quantizer = simulated.softmax_quantizer
 
+    @torch.compiler.disable(recursive=True)
     def attend(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Python loops over heads and blocks: ``torch.compile`` would unroll them, so it leaves this to eager."""
         if not self.quant_enabled:
             return super().attend(query, key, value, attention_mask)
         batch, heads, n, d = query.shape
@@ -64,9 +63,8 @@ class RealAttnProcessor(QuantAttnProcessor):
         q, sq = centred_codes(active_quantizer(self.q_quantizer), query.reshape(batch * heads, n, d))
         k, sk = centred_codes(active_quantizer(self.k_quantizer), key.reshape(batch * heads, m, d))
         v, sv = centred_codes(active_quantizer(self.v_quantizer), value.reshape(batch * heads, m, d))
-        softmax_q = self.softmax_quantizer
-        s_p = float(softmax_q.scale)
-        p_min, p_max = int_bounds(softmax_q.spec.bits, softmax_q.spec.symmetric, softmax_q.spec.unsigned)
+        softmax = int_params(self.softmax_quantizer, query)
+        s_p, p_min, p_max = softmax.scale, softmax.qmin, softmax.qmax
         mask = None if attention_mask is None else attention_mask.expand(batch, heads, n, m).reshape(-1, n, m)
         kt = k.transpose(1, 2)
         alpha = sq * sk / math.sqrt(d)

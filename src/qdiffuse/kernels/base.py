@@ -72,25 +72,68 @@ def active_quantizer(quantizer: nn.Module) -> ActivationQuantizer:
     return quantizer
 
 
+@dataclass(frozen=True)
+class IntParams:
+    """An integer activation grid as plain numbers: ``u = clamp(round(x / scale) + zero_point, qmin, qmax) +
+    offset`` lies in uint8 and ``x ≈ (u − zero_point − offset) · scale``."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    offset: int
+
+
+STATIC_PARAMS = "_qdiffuse_int_params"
+"""Attribute under which :func:`pin_static_params` keeps a static quantizer's :class:`IntParams`."""
+
+
+def int_params(quantizer: ActivationQuantizer, x: Tensor) -> IntParams:
+    """The grid ``x`` is quantized on: a static quantizer's pinned numbers, or a dynamic one's from ``x``."""
+    pinned = quantizer.__dict__.get(STATIC_PARAMS)
+    if pinned is not None:
+        return pinned
+    spec = quantizer.spec
+    qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
+    scale_t, zp_t = dynamic_qparams(x.detach(), spec) if quantizer.dynamic else (quantizer.scale, quantizer.zero_point)
+    zero_point = 0 if zp_t is None else int(zp_t)
+    return IntParams(float(scale_t), zero_point, qmin, qmax, 128 if qmin < 0 else 0)
+
+
+def pin_static_params(model: nn.Module) -> None:
+    """Read every static integer activation grid once into plain numbers.
+
+    Reading a tensor scale into a Python number on every call is a device sync and, under ``torch.compile``, a
+    graph break; the numbers of a calibrated static grid never change, so real layers read them from here.
+    Call it again after changing a quantizer's parameters.
+    """
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer) and not module.dynamic and module.spec.kind == "int":
+            module.__dict__.pop(STATIC_PARAMS, None)
+            if module.scale is not None:
+                module.__dict__[STATIC_PARAMS] = int_params(module, module.scale)
+
+
 def activation_codes(quantizer: ActivationQuantizer, x: Tensor) -> ActCodes:
     """uint8 codes of ``x`` for an integer per-tensor quantizer of at most 8 bits.
 
     Signed grids are shifted by 128 (zero point with them), so every integer grid of up to 8 bits maps onto
     uint8 without changing ``u - zero_point``.
     """
-    spec = quantizer.spec
-    qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
-    if quantizer.dynamic:
-        scale_t, zp_t = dynamic_qparams(x.detach(), spec)
-    else:
-        scale_t, zp_t = quantizer.scale, quantizer.zero_point
-    scale = float(scale_t)
-    zero_point = 0 if zp_t is None else int(zp_t)
-    offset = 128 if qmin < 0 else 0
-    q = quantize_int(x, scale_t.to(x.dtype), zero_point, qmin, qmax)
-    if offset:
-        q.add_(offset)
-    return ActCodes(q.to(torch.uint8), scale, zero_point + offset)
+    p = int_params(quantizer, x)
+    q = quantize_int(x, p.scale, p.zero_point, p.qmin, p.qmax)
+    if p.offset:
+        q.add_(p.offset)
+    return ActCodes(q.to(torch.uint8), p.scale, p.zero_point + p.offset)
 
 
-__all__ = ["ActCodes", "WeightKernel", "IntegerKernel", "active_quantizer", "activation_codes"]
+__all__ = [
+    "ActCodes",
+    "IntParams",
+    "WeightKernel",
+    "IntegerKernel",
+    "active_quantizer",
+    "activation_codes",
+    "int_params",
+    "pin_static_params",
+]

@@ -108,6 +108,50 @@ class OnednnLinear(IntegerKernel):
         return OnednnLinear(self.signed_codes(), self.weight_scale.clone())
 
 
+@torch.library.custom_op("qdiffuse::conv_from_int8_codes", mutates_args=())
+def conv_from_int8_codes(
+    codes: Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """oneDNN INT8 conv from a plain int8 weight (prepacked inside). An op of its own because oneDNN's prepack
+    has no fake-tensor kernel: this one has, so ``torch.compile`` traces through it."""
+    packed = torch.ops.onednn.qconv_prepack(weight, weight_scale, 1.0, 0, stride, padding, dilation, groups, None)
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes.contiguous(memory_format=torch.channels_last), x_scale, x_zero_point, packed, weight_scale,
+        torch.zeros(weight.shape[0], dtype=torch.long), bias, stride, padding, dilation, groups, 1.0, 0,
+        torch.float32, "none", [], "",
+    )
+
+
+@conv_from_int8_codes.register_fake
+def _conv_from_int8_codes_shape(
+    codes: Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    n, _, h, w = codes.shape
+    kh, kw = weight.shape[2:]
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = codes.new_empty((n, weight.shape[0], h_out, w_out), dtype=torch.float32)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
 class Int4PrepackConv2d(IntegerKernel):
     """Narrow W4 conv: nibbles in memory, unpacked and prepacked for oneDNN on every call."""
 
@@ -126,17 +170,11 @@ class Int4PrepackConv2d(IntegerKernel):
         self.nibbles = pack_int4(codes.contiguous())
         self.weight_scale = weight_scale.float().reshape(-1).contiguous()
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-        self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
 
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
-        packed = torch.ops.onednn.qconv_prepack(
-            self.signed_codes(), self.weight_scale, 1.0, 0, self.stride, self.padding, self.dilation, self.groups,
-            None,
-        )
-        return torch.ops.onednn.qconv2d_pointwise(
-            x.codes.contiguous(memory_format=torch.channels_last), x.scale, x.zero_point, packed, self.weight_scale,
-            self._zero_points, bias, self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32,
-            "none", [], "",
+        return conv_from_int8_codes(
+            x.codes, x.scale, x.zero_point, self.signed_codes(), self.weight_scale, bias, self.stride, self.padding,
+            self.dilation, self.groups,
         )
 
     def signed_codes(self) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from qdiffuse.errors import ConfigError
+from qdiffuse.kernels.base import pin_static_params
 from qdiffuse.kernels.dispatch import FALLBACK, Part, select_kernel
 from qdiffuse.kernels.modules import RealLayer
 
@@ -137,6 +138,7 @@ def freeze(model: nn.Module) -> RuntimeReport:
         real, reasons = real_layer(layer, codes, device)
         set_submodule(model, name, real)
         report.layers.append(LayerRuntime(name, real.kernel_names, real.packed_bytes(), reasons))
+    pin_static_params(model)
     setattr(model, REPORT_ATTR, report)
     return report
 

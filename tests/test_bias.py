@@ -95,7 +95,7 @@ def test_bias_correction_lowers_the_network_output_bias(tmp_path_factory: pytest
         calib = _calib(loaded)
         if method != "fp":
             config = QuantConfig.from_scheme("w4a4", method=method, keep_8bit=None, **SMALL)
-            quantize(loaded.denoiser, loaded.scheduler_config, config, calib=calib)
+            quantize(loaded.denoiser, loaded.scheduler_config, config, calib=calib, runtime="simulated")
         with torch.no_grad():
             outputs[method] = loaded.denoiser.forward_raw(calib.x, calib.t, calib.labels, calib.cond)
     bias_mse = (outputs["mse"] - outputs["fp"]).mean().abs()
@@ -112,7 +112,7 @@ def test_layers_without_a_bias_get_one_that_survives_save_and_load(
     loaded = load_model_folder(folder)
     assert loaded.denoiser.model.transformer_blocks[0].attn1.to_q.bias is None
     config = QuantConfig.from_scheme("w4a8", method="mse+bias", **SMALL)
-    quantize(loaded.denoiser, loaded.scheduler_config, config)
+    quantize(loaded.denoiser, loaded.scheduler_config, config, runtime="simulated")
     to_q = loaded.denoiser.model.transformer_blocks[0].attn1.to_q
     assert isinstance(to_q, QuantLayer) and to_q.bias is not None and to_q.bias.abs().sum() > 0
     assert quant_state(loaded.denoiser.model).calibration["bias_correction"]["layers"] > 0

@@ -36,7 +36,7 @@ def _quantize(folder: Path, scheme: str, **overrides: object) -> LoadedModel:
     config = QuantConfig.from_scheme(
         scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4, **overrides
     )
-    quantize(loaded.denoiser, loaded.scheduler_config, config)
+    quantize(loaded.denoiser, loaded.scheduler_config, config, runtime="simulated")
     return loaded
 
 

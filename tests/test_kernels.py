@@ -323,3 +323,20 @@ def test_real_layers_trace_without_graph_breaks(cin: int, bits: int) -> None:
     compiled = torch.compile(holder, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x), holder(x))
+
+
+@needs_onednn
+def test_quantize_is_real_by_default(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from qdiffuse.api import quantize
+    from qdiffuse.config import QuantConfig
+    from qdiffuse.eval.cost import cost_summary
+    from qdiffuse.models.loading import load_model_folder
+
+    loaded = load_model_folder(tiny_folder("dit", tmp_path_factory))
+    config = QuantConfig.from_scheme("w8a8", calib_steps=2, calib_per_step=2, calib_num_inference_steps=4)
+    model = quantize(loaded.denoiser, loaded.scheduler_config, config)
+    assert not any(isinstance(m, QuantLayer) for m in model.modules())
+    report = runtime_report(model)
+    assert report.runtime == "real" and report.kernel_counts()["onednn-int8-linear"] > 0
+    assert "attention matmul pairs on" in report.summary()
+    assert cost_summary(loaded.denoiser)["bops_reduction"] > 10  # BOPs are counted on real layers too

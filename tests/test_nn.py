@@ -76,7 +76,7 @@ def _quantized(kind: str, scheme: str = "w8a8", **overrides: object) -> tuple[De
     fp = copy.deepcopy(model)
     denoiser = Denoiser.from_model(model, META[kind])
     config = QuantConfig.from_scheme(scheme, **overrides)
-    quantize(denoiser, {}, config, calib=_calib(denoiser))
+    quantize(denoiser, {}, config, calib=_calib(denoiser), runtime="simulated")
     return denoiser, fp
 
 
@@ -353,7 +353,7 @@ def test_quantize_keeps_the_model_class_and_runs(kind: str, scheme: str) -> None
     n_attn = sum(is_diffusers_attention(m) for m in model.modules())
     denoiser = Denoiser.from_model(model, META[kind])
     fp_out = _out(denoiser, _inputs(denoiser))
-    result = quantize(denoiser, {}, QuantConfig.from_scheme(scheme), calib=_calib(denoiser))
+    result = quantize(denoiser, {}, QuantConfig.from_scheme(scheme), calib=_calib(denoiser), runtime="simulated")
     assert result is model and type(result) is cls
     state = quant_state(result)
     assert state is not None and state.config.scheme == scheme

@@ -190,7 +190,7 @@ def _end_to_end(kind: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Lo
         for method in ("mse", "qdiffusion"):
             loaded = load_model_folder(folder)
             config = QuantConfig.from_scheme("w4a8", method=method, **FAST)
-            quantize(loaded.denoiser, loaded.scheduler_config, config, calib=calib)
+            quantize(loaded.denoiser, loaded.scheduler_config, config, calib=calib, runtime="simulated")
             errors[method] = float((_eps(loaded.denoiser, test) - reference).pow(2).mean())
         _CACHE[kind] = (loaded, errors["qdiffusion"], errors["mse"])
     return _CACHE[kind]

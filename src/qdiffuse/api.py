@@ -42,8 +42,13 @@ def quantize(
     labels: tuple[int, ...] | None = None,
     cond: Tensor | None = None,
     batch_size: int = 64,
+    runtime: str = "real",
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
+
+    ``runtime="real"`` (the default) ends by freezing the calibrated layers onto packed weights and integer/FP8
+    kernels (``qdiffuse.kernels.runtime_report(model)`` says what runs where); ``"simulated"`` keeps the float
+    weights and fake quantization, for research code that inspects or keeps training the quantized layers.
 
     ``mse+bias`` adds empirical bias correction after round-to-nearest PTQ. Reconstructing methods
     (``qdiffusion``, ``qdiffusion+ptqd``) add block reconstruction after round-to-nearest PTQ (against an FP copy
@@ -51,6 +56,9 @@ def quantize(
     FP model's own sampler (time-step aware, ``config.calib_steps`` × ``config.calib_per_step``), with the guidance
     and labels you will sample with.
     """
+    from qdiffuse.kernels import check_runtime, freeze
+
+    check_runtime(runtime)
     denoiser = model if isinstance(model, Denoiser) else Denoiser.from_model(model)
     if getattr(denoiser.model, STATE_ATTR, None) is not None:
         raise ConfigError("this model is already quantized; load the FP model again to quantize it differently")
@@ -103,6 +111,8 @@ def quantize(
         del fp_model
         info["reconstruction"] = {"units": len(results), "iters": settings.iters, "act_iters": settings.act_iters}
     setattr(denoiser.model, STATE_ATTR, QuantState(config, plan, info))
+    if runtime == "real":
+        freeze(denoiser.model)
     return denoiser.model
 
 

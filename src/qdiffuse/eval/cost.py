@@ -13,12 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiffuse.kernels.modules import RealLayer
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.attention import QuantAttnProcessor, is_diffusers_attention
 from qdiffuse.nn.layers import QuantLayer
 from qdiffuse.nn.quantizer import activation_variants, set_activation_variant
 
 FP_BITS = 32
+QUANTIZED = (QuantLayer, RealLayer)
+"""Simulated and real quantized layers: both carry their weight format and input quantizers."""
 
 
 def _act_bits(quantizer: nn.Module | None) -> int:
@@ -37,7 +40,7 @@ def count_macs(denoiser: Denoiser) -> dict[str, dict[str, Any]]:
 
     def layer_hook(name: str, module: nn.Module):  # noqa: ANN202
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if isinstance(mod, nn.Conv2d) or (isinstance(mod, QuantLayer) and hasattr(mod, "kernel_size")):
+            if isinstance(mod, nn.Conv2d) or (isinstance(mod, QUANTIZED) and hasattr(mod, "kernel_size")):
                 kh, kw = mod.kernel_size
                 per_out = (mod.in_channels // mod.groups) * kh * kw
             else:
@@ -58,7 +61,7 @@ def count_macs(denoiser: Denoiser) -> dict[str, dict[str, Any]]:
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLayer, nn.Linear, nn.Conv2d)):
+        if isinstance(module, (*QUANTIZED, nn.Linear, nn.Conv2d)):
             handles.append(module.register_forward_hook(layer_hook(name, module)))
         elif is_diffusers_attention(module):
             handles.append(module.register_forward_hook(attn_hook(name), with_kwargs=True))
@@ -78,7 +81,7 @@ def _bops_now(records: dict[str, dict[str, Any]]) -> int:
     for rec in records.values():
         mod, macs = rec["module"], rec["macs"]
         if rec["kind"] == "layer":
-            if isinstance(mod, QuantLayer):
+            if isinstance(mod, QUANTIZED):
                 act = _act_bits(mod.input_quantizers[0]) if len(mod.input_quantizers) else FP_BITS
                 total += macs * mod.weight_spec.value_bits * act
             else:

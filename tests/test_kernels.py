@@ -240,7 +240,8 @@ def test_real_model_saves_the_same_folder(unet_w4a8: Path, tmp_path: Path) -> No
 
     loaded = load_quantized(unet_w4a8)
     save_quantized(loaded, tmp_path / "again")
-    a, b = load_file(str(unet_w4a8 / "quantized.safetensors")), load_file(str(tmp_path / "again" / "quantized.safetensors"))
+    a = load_file(str(unet_w4a8 / "quantized.safetensors"))
+    b = load_file(str(tmp_path / "again" / "quantized.safetensors"))
     assert set(a) == set(b)
     assert all(torch.equal(a[key], b[key]) for key in a)
 
@@ -337,6 +338,7 @@ def test_quantize_is_real_by_default(tmp_path_factory: pytest.TempPathFactory) -
     model = quantize(loaded.denoiser, loaded.scheduler_config, config)
     assert not any(isinstance(m, QuantLayer) for m in model.modules())
     report = runtime_report(model)
+    assert freeze(model) is report  # freezing a real model again keeps its layers and report
     assert report.runtime == "real" and report.kernel_counts()["onednn-int8-linear"] > 0
     assert "attention matmul pairs on" in report.summary()
     assert cost_summary(loaded.denoiser)["bops_reduction"] > 10  # BOPs are counted on real layers too

@@ -5,7 +5,8 @@ runtime of a model is timed in the same process on the same inputs, FP32 both fi
 of the two, and both are printed so drift is visible), each number a median of several calls after warm-up calls
 that take the one-off costs (oneDNN primitive creation, allocator growth) out of the measurement. The thread count
 is pinned because the kernels scale differently with threads, and everything runs under ``torch.inference_mode``
-as a deployed sampler would.
+as a deployed sampler would, with the allocator ``qdiffuse sample`` uses (:mod:`qdiffuse.allocator`: freed
+activations stay in the heap instead of page-faulting on every call).
 
 Besides the shipped built-ins, two random-weight models of real size show what the kernels do where the GEMMs are
 large: Stable Diffusion 1.5's UNet and DiT-XL/2, built from their published configs with ``cls.from_config``
@@ -330,6 +331,18 @@ def time_forward(
     raise GradModeError("no grad mode worked")  # pragma: no cover - the loop returns or raises
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise), so the RSS of the
+    next row starts from what is really alive rather than from every earlier row's high-water mark."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _forward(denoiser: Denoiser, inputs: Inputs) -> Callable[[], object]:
     x, t, labels, cond = inputs
 
@@ -387,13 +400,9 @@ def peer_versions() -> dict[str, str | None]:
 
 
 def _peer_installed(name: str) -> bool:
-    import importlib.util
-
-    module = "torchao" if name.startswith("torchao") else "optimum.quanto"
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    """Whether the peer's distribution is installed (its metadata, not an importable folder: an uninstalled
+    optimum-quanto leaves its JIT-built extension folder behind, which still imports as a namespace package)."""
+    return peer_versions()["torchao" if name.startswith("torchao") else "optimum-quanto"] is not None
 
 
 # -------------------------------------------------------------------------------------------------------- run
@@ -430,7 +439,11 @@ def environment(threads: int) -> dict[str, Any]:
 
 def run_speed(settings: SpeedSettings, log: Callable[[str], None] | None = None) -> SpeedResult:
     """Time every runtime of every model in ``settings``; ``log`` gets one line per finished measurement."""
+    from qdiffuse.allocator import keep_freed_memory
+
     say = log or (lambda _line: None)
+    # Same allocator as ``qdiffuse sample``: without it, per-call activations page-fault on every call.
+    allocator = "glibc, freed blocks kept" if keep_freed_memory() else "default"
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     rows: list[SpeedRow] = []
@@ -448,10 +461,10 @@ def run_speed(settings: SpeedSettings, log: Callable[[str], None] | None = None)
             say(f"{name}: {models[name]['class']}, {n_params / 1e6:.1f}M parameters")
             rows += _time_model(subject, settings, say)
             del subject
-            gc.collect()
+            release_memory()
     finally:
         torch.set_num_threads(previous_threads)
-    return SpeedResult(settings, environment(settings.threads), rows, models)
+    return SpeedResult(settings, {**environment(settings.threads), "allocator": allocator}, rows, models)
 
 
 def _time_model(subject: Subject, settings: SpeedSettings, say: Callable[[str], None]) -> list[SpeedRow]:
@@ -465,6 +478,7 @@ def _time_model(subject: Subject, settings: SpeedSettings, say: Callable[[str], 
 
     def measure(runtime: str, den: Denoiser, dtype: torch.dtype, weight_bytes: int, detail: str,
                 allow_no_grad: bool = False) -> None:
+        release_memory()  # calibration's and freezing's garbage out of the row's RSS
         for batch, batch_inputs in inputs.items():
             call = _forward(den, cast_inputs(batch_inputs, dtype))
             times, peak, growth, mode = time_forward(call, settings.warmup, settings.repeats, allow_no_grad)
@@ -484,11 +498,11 @@ def _time_model(subject: Subject, settings: SpeedSettings, say: Callable[[str], 
     bf16 = dataclasses.replace(denoiser, model=_to_bf16(copy.deepcopy(denoiser.model)))
     measure("bf16", bf16, torch.bfloat16, module_bytes(bf16.model), "")
     del bf16
-    gc.collect()
+    release_memory()
 
     for scheme in settings.schemes:
         _time_scheme(subject, scheme, calib, settings, measure)
-        gc.collect()
+        release_memory()
 
     if settings.peers:
         for peer, apply in _peer_specs():
@@ -507,7 +521,7 @@ def _time_model(subject: Subject, settings: SpeedSettings, say: Callable[[str], 
                          if not any(r.runtime == peer and r.batch == b for r in rows)]
                 say(f"  {subject.name} {peer}: {message}")
             del model, den
-            gc.collect()
+            release_memory()
 
     measure("fp32 (end)", denoiser, torch.float32, fp32_bytes, "")
     _fill_ratios(rows, fp32_bytes)
@@ -537,7 +551,8 @@ def _time_scheme(
 
     den = dataclasses.replace(subject.denoiser, model=copy.deepcopy(subject.denoiser.model))
     config = QuantConfig.from_scheme(scheme, method="minmax")
-    quantize(den, subject.scheduler_config, config, calib=calib, batch_size=len(calib))
+    # Simulated first (the path calibration runs on), frozen here, so both are timed from one calibration.
+    quantize(den, subject.scheduler_config, config, calib=calib, batch_size=len(calib), runtime="simulated")
     if scheme == settings.simulated_scheme:
         measure(f"{scheme} simulated", den, torch.float32, model_bytes(den.model)["total"],
                 runtime_report(den.model).summary())
@@ -576,7 +591,8 @@ def format_markdown(result: SpeedResult) -> str:
         f"# qdiffuse speed: denoiser forward, {env['threads']} thread(s), median of {s.repeats} after "
         f"{s.warmup} warm-up calls, torch.inference_mode",
         "",
-        f"torch {env['torch']} · {env['cpu']} ({', '.join(env['cpu_flags']) or 'no VNNI/AMX flags'}) · peers: "
+        f"torch {env['torch']} · {env['cpu']} ({', '.join(env['cpu_flags']) or 'no VNNI/AMX flags'}) · allocator: "
+        f"{env.get('allocator', 'default')} · peers: "
         + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()),
         "",
     ]

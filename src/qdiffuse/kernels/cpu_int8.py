@@ -195,11 +195,17 @@ class _Int4Matmul(IntegerKernel):
         self.column_sums = matrix_kn.to(torch.int32).sum(dim=0)
         self.weight_scale = weight_scale.float().reshape(-1).contiguous()
 
-    def matmul(self, rows_u8: Tensor, x: ActCodes) -> Tensor:
-        """[M, K] uint8 codes @ W -> [M, N] float32 (exact integer sum, then the scales)."""
+    def matmul(self, rows_u8: Tensor, x: ActCodes, bias: Tensor | None) -> Tensor:
+        """[M, K] uint8 codes @ W (+ bias) -> [M, N] float32: the integer sum, then one scale-and-shift pass.
+
+        The input's shift by 128 and its zero point enter as a per-column constant that is folded into the
+        bias, so the epilogue reads the int32 sums once."""
         acc = torch._int_mm(_shift_to_int8(rows_u8), unpack_int4(self.nibbles, self.kn_shape))
-        acc = acc - (x.zero_point - 128) * self.column_sums
-        return acc.float() * (self.weight_scale * x.scale)
+        scale = self.weight_scale * x.scale
+        shift = -(x.zero_point - 128) * self.column_sums * scale
+        if bias is not None:
+            shift = shift + bias
+        return torch.addcmul(shift, acc, scale)
 
     @property
     def nbytes(self) -> int:
@@ -217,10 +223,7 @@ class Int4Linear(_Int4Matmul):
 
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
         lead = x.codes.shape[:-1]
-        out = self.matmul(x.codes.reshape(-1, self.shape[1]), x)
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*lead, self.shape[0])
+        return self.matmul(x.codes.reshape(-1, self.shape[1]), x, bias).reshape(*lead, self.shape[0])
 
     def signed_codes(self) -> Tensor:
         return unpack_int4(self.nibbles, self.kn_shape).t().contiguous()
@@ -257,10 +260,7 @@ class Int4Conv2d(_Int4Matmul):
         patches = patches[..., ::dh, ::dw]  # [N, H_out, W_out, C, kh, kw]
         h_out, w_out = patches.shape[1], patches.shape[2]
         rows = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * h_out * w_out, kh * kw * in_ch)
-        out = self.matmul(rows, x)
-        if bias is not None:
-            out = out + bias
-        return out.view(n, h_out, w_out, out_ch).permute(0, 3, 1, 2)
+        return self.matmul(rows, x, bias).view(n, h_out, w_out, out_ch).permute(0, 3, 1, 2)
 
     def signed_codes(self) -> Tensor:
         out_ch, in_ch, kh, kw = self.shape

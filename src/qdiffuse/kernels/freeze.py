@@ -128,9 +128,13 @@ def realize_attention(model: nn.Module, device: torch.device) -> str | None:
 
 
 def freeze(model: nn.Module) -> RuntimeReport:
-    """Replace every quantized layer of a calibrated model by a real layer, in place."""
+    """Replace every quantized layer of a calibrated model by a real layer, in place; a model that is already
+    real (``quantize`` freezes by default, the loader builds real layers) keeps its layers and report."""
     from qdiffuse.nn.rewrite import quant_layers, set_submodule
 
+    existing = getattr(model, REPORT_ATTR, None)
+    if existing is not None and existing.runtime == "real" and not any(True for _ in quant_layers(model)):
+        return existing
     device = _model_device(model)
     report = RuntimeReport("real", attention=realize_attention(model, device))
     for name, layer in list(quant_layers(model)):

@@ -569,7 +569,10 @@ def speed(
         list[str] | None,
         typer.Argument(help="fmnist-tiny, fmnist-dit (default: both), sd15-unet, dit-xl2 (random weights, large)."),
     ] = None,
-    schemes: Annotated[str, typer.Option(help="Comma-separated schemes to quantize (minmax) and time.")] = (
+    schemes: Annotated[
+        str, typer.Option(help="Comma-separated schemes to quantize (minmax) and time; w8a8:fp-attention leaves "
+                          "the attention matmuls in FP.")
+    ] = (
         "w8a8,w4a8,w8a16,w4a16"
     ),
     batch: Annotated[
@@ -580,6 +583,7 @@ def speed(
     threads: Annotated[int, typer.Option(help="torch.set_num_threads for the whole run.")] = 1,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time torchao / quanto if installed.")] = True,
     simulated: Annotated[str, typer.Option(help="Scheme also timed before freeze: auto (the first) or none.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="Also time each real model under torch.compile.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write every row as JSON.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -590,7 +594,7 @@ def speed(
 
     log = None if quiet else (lambda line: typer.echo(line, err=True))
     typer.echo(speed_command(models, schemes, batch, repeats, warmup, threads, peers, simulated, json_out, overwrite,
-                             log), nl=False)
+                             log, compile), nl=False)
 
 
 def _is_a(exc: BaseException, name: str) -> bool:

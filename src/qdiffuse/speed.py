@@ -135,13 +135,13 @@ class SpeedSettings:
     threads: int = 1
     peers: bool = True
     simulated: str | None = "auto"
+    compile: bool = False
+    """Also time each real model under ``torch.compile`` (inductor; the warm-up calls absorb compilation)."""
     calib_rows: int = CALIB_ROWS
     seed: int = 0
 
     def __post_init__(self) -> None:
         """Reject every bad setting before any model is built: a large model takes minutes to get to."""
-        from qdiffuse.config import QuantConfig
-
         known = speed_models()
         if not self.models:
             raise ConfigError(f"name at least one model; use one of {', '.join(known)}")
@@ -149,7 +149,7 @@ class SpeedSettings:
             if name not in known:
                 raise ConfigError(f"unknown model {name!r} for qdiffuse speed; use one of {', '.join(known)}")
         for scheme in self.schemes:
-            QuantConfig.from_scheme(scheme, method="minmax")  # raises ConfigError naming the schemes
+            quant_config(scheme)  # raises ConfigError naming the schemes
         if self.simulated not in (None, "auto") and self.simulated not in self.schemes:
             raise ConfigError(f"--simulated {self.simulated!r} is not among --schemes {','.join(self.schemes)}")
         if self.batches is not None and (not self.batches or any(int(b) <= 0 for b in self.batches)):
@@ -528,6 +528,18 @@ def _time_model(subject: Subject, settings: SpeedSettings, say: Callable[[str], 
     return rows
 
 
+FP_ATTENTION = ":fp-attention"
+"""Scheme suffix: quantize every Linear/Conv2d but leave the two attention matmuls in FP (fused SDPA)."""
+
+
+def quant_config(scheme: str) -> Any:
+    """The minmax config a speed row times; ``w8a8:fp-attention`` keeps the attention matmuls in FP."""
+    from qdiffuse.config import QuantConfig
+
+    name, fp_attention = (scheme[: -len(FP_ATTENTION)], True) if scheme.endswith(FP_ATTENTION) else (scheme, False)
+    return QuantConfig.from_scheme(name, method="minmax", quantize_attention=not fp_attention)
+
+
 def _to_bf16(model: nn.Module) -> nn.Module:
     """The whole model in bfloat16, as the BF16 row means it (diffusers' advice to keep some modules in float32
     applies to ``from_pretrained`` and is silenced here)."""
@@ -546,11 +558,10 @@ def _time_scheme(
 ) -> None:
     """Quantize a copy (minmax on the random calibration rows), time it simulated if asked, freeze, time it real."""
     from qdiffuse.api import quantize
-    from qdiffuse.config import QuantConfig
     from qdiffuse.kernels import freeze, model_bytes, runtime_report
 
     den = dataclasses.replace(subject.denoiser, model=copy.deepcopy(subject.denoiser.model))
-    config = QuantConfig.from_scheme(scheme, method="minmax")
+    config = quant_config(scheme)
     # Simulated first (the path calibration runs on), frozen here, so both are timed from one calibration.
     quantize(den, subject.scheduler_config, config, calib=calib, batch_size=len(calib), runtime="simulated")
     if scheme == settings.simulated_scheme:
@@ -558,6 +569,11 @@ def _time_scheme(
                 runtime_report(den.model).summary())
     report = freeze(den.model)
     measure(scheme, den, torch.float32, model_bytes(den.model)["total"], report.summary())
+    if settings.compile:
+        compiled = dataclasses.replace(den, model=torch.compile(den.model))
+        measure(f"{scheme} compiled", compiled, torch.float32, model_bytes(den.model)["total"],
+                "torch.compile (inductor); the blocked attention stays eager")
+        del compiled
     del den
 
 
@@ -650,6 +666,7 @@ def speed_command(
     json_out: Path | None,
     overwrite: bool,
     log: Callable[[str], None] | None,
+    compile: bool = False,
 ) -> str:
     """What ``qdiffuse speed`` does, from its raw options: validate everything (and the output path) first, time,
     write the JSON, return the Markdown table."""
@@ -664,6 +681,7 @@ def speed_command(
         threads=threads,
         peers=peers,
         simulated=None if simulated.lower() == "none" else simulated,
+        compile=compile,
     )
     if json_out is not None:
         check_output_path(json_out, overwrite)

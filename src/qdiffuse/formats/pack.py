@@ -60,6 +60,11 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
         )
     if bits == 8:
         return packed[:numel].clone()
+    if bits == 4:  # two per byte, low nibble first: two strided writes instead of the 56-bit words below
+        out = torch.empty(2 * need, dtype=torch.uint8, device=packed.device)
+        out[0::2] = packed[:need] & 15
+        out[1::2] = packed[:need] >> 4
+        return out[:numel]
     ngroups = (numel + 7) // 8
     data = torch.nn.functional.pad(packed[:need], (0, ngroups * bits - need))
     data = data.reshape(-1, bits).to(torch.int64)

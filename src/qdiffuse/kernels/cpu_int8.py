@@ -34,6 +34,75 @@ def _shift_to_int8(codes: Tensor) -> Tensor:
     return (codes ^ 128).view(torch.int8)
 
 
+@torch.library.custom_op("qdiffuse::onednn_linear", mutates_args=())
+def onednn_linear(
+    codes: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, weight_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    """oneDNN INT8 linear on a prepacked weight, float32 out. An op of its own so that inductor keeps it whole
+    (its own lowering of oneDNN's quantized linear expects the weight it prepacked itself)."""
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, x_scale, x_zero_point, packed, weight_scale, torch.zeros(weight_scale.shape[0], dtype=torch.long),
+        bias, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(
+    codes: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, weight_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qdiffuse::onednn_conv2d", mutates_args=())
+def onednn_conv2d(
+    codes: Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """oneDNN INT8 conv on a prepacked weight, float32 out in channels-last layout (an op of its own, as above)."""
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes.contiguous(memory_format=torch.channels_last), x_scale, x_zero_point, packed, weight_scale,
+        torch.zeros(weight_scale.shape[0], dtype=torch.long), bias, stride, padding, dilation, groups, 1.0, 0,
+        torch.float32, "none", [], "",
+    )
+
+
+@onednn_conv2d.register_fake
+def _onednn_conv2d_shape(
+    codes: Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    return _conv_out(codes, weight_scale.shape[0], kernel_size, stride, padding, dilation)
+
+
+def _conv_out(
+    codes: Tensor, out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    n, _, h, w = codes.shape
+    h_out = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    out = codes.new_empty((n, out_channels, h_out, w_out), dtype=torch.float32)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
 class OnednnConv2d(IntegerKernel):
     """Prepacked INT8 conv (per-output-channel weight scales), float32 output in channels-last layout."""
 
@@ -51,17 +120,15 @@ class OnednnConv2d(IntegerKernel):
         self.shape = tuple(codes.shape)
         self.weight_scale = weight_scale.float().reshape(-1).contiguous()
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-        self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
         # The prepacked blob does not depend on the activation scale; 1.0 / 0 are placeholders.
         self.packed = torch.ops.onednn.qconv_prepack(
             codes.contiguous(), self.weight_scale, 1.0, 0, self.stride, self.padding, self.dilation, groups, None
         )
 
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
-        codes = x.codes.contiguous(memory_format=torch.channels_last)
-        return torch.ops.onednn.qconv2d_pointwise(
-            codes, x.scale, x.zero_point, self.packed, self.weight_scale, self._zero_points, bias,
-            self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "",
+        return onednn_conv2d(
+            x.codes, x.scale, x.zero_point, self.packed, self.weight_scale, bias, list(self.shape[2:]), self.stride,
+            self.padding, self.dilation, self.groups,
         )
 
     def signed_codes(self) -> Tensor:
@@ -85,17 +152,14 @@ class OnednnLinear(IntegerKernel):
     def __init__(self, codes: Tensor, weight_scale: Tensor) -> None:
         self.shape = tuple(codes.shape)
         self.weight_scale = weight_scale.float().reshape(-1).contiguous()
-        self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
         self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
 
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
         lead = x.codes.shape[:-1]
         codes = x.codes.reshape(-1, self.shape[1]).contiguous()
-        out = torch.ops.onednn.qlinear_pointwise(
-            codes, x.scale, x.zero_point, self.packed, self.weight_scale, self._zero_points, bias,
-            1.0, 0, torch.float32, "none", [], "",
+        return onednn_linear(codes, x.scale, x.zero_point, self.packed, self.weight_scale, bias).reshape(
+            *lead, self.shape[0]
         )
-        return out.reshape(*lead, self.shape[0])
 
     def signed_codes(self) -> Tensor:
         return self.packed.to_dense().t().contiguous()
@@ -144,12 +208,7 @@ def _conv_from_int8_codes_shape(
     dilation: list[int],
     groups: int,
 ) -> Tensor:
-    n, _, h, w = codes.shape
-    kh, kw = weight.shape[2:]
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    out = codes.new_empty((n, weight.shape[0], h_out, w_out), dtype=torch.float32)
-    return out.contiguous(memory_format=torch.channels_last)
+    return _conv_out(codes, weight.shape[0], list(weight.shape[2:]), stride, padding, dilation)
 
 
 class Int4PrepackConv2d(IntegerKernel):

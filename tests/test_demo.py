@@ -42,3 +42,5 @@ def test_demo_on_the_builtin_model(tmp_path: Path) -> None:
     assert [r["quant"] for r in rows] == ["FP", "w8a8-minmax"]
     assert rows[1]["psnr_to_fp"] > 15  # W8A8 follows the FP samples closely
     assert "fmnist-tiny" in report.read_text()
+    assert rows[1]["runtime"].startswith("runtime: real, ")  # the demo samples on the kernels
+    assert "- w8a8-minmax: runtime: real, " in report.read_text()

@@ -94,6 +94,11 @@ def render_report(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         )
     grids = ", ".join(f"`{'fp' if r['quant'] == 'FP' else r['quant']}.png`" for r in rows)
     lines += ["", f"Grids: {grids}. Quantized model folders: `bench/models/`.", ""]
+    runtimes = [(r["quant"], r["runtime"]) for r in rows if r.get("runtime")]
+    if runtimes:
+        lines += ["What the quantized models ran on:", ""]
+        lines += [f"- {quant}: {runtime}" for quant, runtime in runtimes]
+        lines.append("")
     return "\n".join(lines)
 
 

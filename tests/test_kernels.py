@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import calibrate_layer, tiny_folder, tiny_quantized_folder
 from torch import nn
 from typer.testing import CliRunner
 
@@ -25,20 +26,9 @@ from qdiffuse.nn.attention import QuantAttnProcessor
 from qdiffuse.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from qdiffuse.nn.quantizer import ActivationQuantizer, set_activation_variant
 from qdiffuse.progress import set_progress_enabled
-from tests.tiny_models import tiny_folder, tiny_quantized_folder
 
 set_progress_enabled(False)
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN quantized ops")
-
-
-def _calibrated(layer: QuantLayer, x: torch.Tensor) -> QuantLayer:
-    layer.calibrate_weight()
-    for q in layer.input_quantizers:
-        q.start_calibration()
-    layer(x)
-    for q in layer.input_quantizers:
-        q.finish_calibration()
-    return layer
 
 
 def _real_vs_simulated(layer: QuantLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RealLayer]:
@@ -101,7 +91,7 @@ def test_conv_kernels_equal_the_simulated_layer(
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups)
     weight, act = SCHEMES["w8a8" if bits == 8 else "w4a8"]
     x = torch.randn(3, cin, 9, 9) * 2 + 0.5
-    layer = _calibrated(QuantConv2d(conv, weight, act), x)
+    layer = calibrate_layer(QuantConv2d(conv, weight, act), x)
     simulated, real, module = _real_vs_simulated(layer, x)
     assert module.kernel_names == [kernel]
     _close(simulated, real)
@@ -114,7 +104,7 @@ def test_conv_kernels_equal_the_simulated_layer(
 def test_linear_kernels_equal_the_simulated_layer(bits: int, kernel: str) -> None:
     weight, act = SCHEMES["w8a8" if bits == 8 else "w4a8"]
     x = torch.randn(2, 5, 33) * 3
-    layer = _calibrated(QuantLinear(nn.Linear(33, 20), weight, act), x)
+    layer = calibrate_layer(QuantLinear(nn.Linear(33, 20), weight, act), x)
     simulated, real, module = _real_vs_simulated(layer, x)
     assert module.kernel_names == [kernel]
     _close(simulated, real)
@@ -125,7 +115,7 @@ def test_split_layer_sums_its_parts() -> None:
     """Shortcut splitting: two input ranges with their own scales, one kernel each, outputs summed."""
     conv = nn.Conv2d(24, 8, 3, padding=1)
     x = torch.cat([torch.randn(2, 16, 6, 6), 50 * torch.randn(2, 8, 6, 6)], dim=1)
-    layer = _calibrated(QuantConv2d(conv, *SCHEMES["w8a8"], split_at=16), x)
+    layer = calibrate_layer(QuantConv2d(conv, *SCHEMES["w8a8"], split_at=16), x)
     simulated, real, module = _real_vs_simulated(layer, x)
     assert module.kernel_names == ["onednn-int8-conv"] * 2
     _close(simulated, real)
@@ -134,7 +124,7 @@ def test_split_layer_sums_its_parts() -> None:
 @needs_onednn
 def test_dynamic_activation_ranges_run_on_integer_kernels() -> None:
     x = torch.randn(4, 16) * 5
-    layer = _calibrated(QuantLinear(nn.Linear(16, 8), *SCHEMES["w8a8"], dynamic=True), x)
+    layer = calibrate_layer(QuantLinear(nn.Linear(16, 8), *SCHEMES["w8a8"], dynamic=True), x)
     simulated, real, module = _real_vs_simulated(layer, x * 0.1)  # another range than calibration saw
     assert module.kernel_names == ["onednn-int8-linear"]
     _close(simulated, real)
@@ -143,7 +133,7 @@ def test_dynamic_activation_ranges_run_on_integer_kernels() -> None:
 @pytest.mark.parametrize("scheme", ["w8a16", "nvfp4", "mxfp4", "fp8"])
 def test_formats_without_a_cpu_kernel_fall_back_exactly_and_say_why(scheme: str) -> None:
     x = torch.randn(3, 32)
-    layer = _calibrated(QuantLinear(nn.Linear(32, 16), *SCHEMES[scheme]), x)
+    layer = calibrate_layer(QuantLinear(nn.Linear(32, 16), *SCHEMES[scheme]), x)
     holder = nn.Sequential(layer)
     with torch.no_grad():
         simulated = layer(x)
@@ -157,7 +147,7 @@ def test_formats_without_a_cpu_kernel_fall_back_exactly_and_say_why(scheme: str)
 def test_fp8_rowwise_kernel_equals_the_simulated_layer() -> None:
     """``torch._scaled_mm`` also runs on a CPU: the GPU kernel's math is checked here, its speed on a GPU."""
     x = torch.randn(8, 32)
-    layer = _calibrated(QuantLinear(nn.Linear(32, 16), *SCHEMES["fp8"]), x)
+    layer = calibrate_layer(QuantLinear(nn.Linear(32, 16), *SCHEMES["fp8"]), x)
     with torch.no_grad():
         simulated = layer(x)
         codes = layer.weight_quantizers[0].encode(layer.weight)
@@ -316,7 +306,7 @@ def test_fp_model_folder_is_unchanged_by_the_runtime_option(tmp_path_factory: py
 def test_real_layers_trace_without_graph_breaks(cin: int, bits: int) -> None:
     """The hot path of every CPU kernel is one graph for ``torch.compile`` (static scales are plain numbers)."""
     x = torch.randn(2, cin, 6, 6)
-    layer = _calibrated(QuantConv2d(nn.Conv2d(cin, 8, 3, padding=1), *SCHEMES["w8a8" if bits == 8 else "w4a8"]), x)
+    layer = calibrate_layer(QuantConv2d(nn.Conv2d(cin, 8, 3, padding=1), *SCHEMES["w8a8" if bits == 8 else "w4a8"]), x)
     holder = nn.Sequential(layer)
     freeze(holder)
     explained = torch._dynamo.explain(holder)(x)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from tiny_models import tiny_cond_unet, tiny_dit, tiny_unet
+from tiny_models import calibrate_layer, tiny_cond_unet, tiny_dit, tiny_unet
 from torch import nn
 
 from qdiffuse.api import quant_state, quantize
@@ -19,7 +19,7 @@ from qdiffuse.formats import pack_bits, unpack_bits
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.attention import QuantAttnProcessor, is_diffusers_attention
-from qdiffuse.nn.layers import QuantConv2d, QuantLayer, QuantLinear
+from qdiffuse.nn.layers import QuantConv2d, QuantLinear
 from qdiffuse.nn.quantizer import ActivationQuantizer, WeightQuantizer
 from qdiffuse.nn.rewrite import (
     activation_quantizers,
@@ -83,15 +83,6 @@ def _quantized(kind: str, scheme: str = "w8a8", **overrides: object) -> tuple[De
 # ------------------------------------------------------------------------------- layers with quantization off
 
 
-def _calibrate_layer(layer: QuantLayer, x: torch.Tensor) -> None:
-    layer.calibrate_weight()
-    for q in layer.input_quantizers:
-        q.start_calibration()
-    layer(x)
-    for q in layer.input_quantizers:
-        q.finish_calibration()
-
-
 def test_quant_linear_equals_linear_when_disabled() -> None:
     linear = nn.Linear(24, 7)
     x = torch.randn(3, 5, 24)
@@ -101,7 +92,7 @@ def test_quant_linear_equals_linear_when_disabled() -> None:
     layer.quant_enabled = False
     assert torch.equal(layer(x), ref)
     layer.quant_enabled = True
-    _calibrate_layer(layer, x)
+    calibrate_layer(layer, x)
     assert not torch.equal(layer(x), ref)  # quantization does something ...
     layer.quant_enabled = False
     assert torch.equal(layer(x), ref)  # ... and nothing once switched off before hardening
@@ -127,7 +118,7 @@ def test_quant_conv_equals_conv_when_disabled(kwargs: dict) -> None:
     layer.quant_enabled = False
     assert torch.equal(layer(x), ref)
     layer.quant_enabled = True
-    _calibrate_layer(layer, x)
+    calibrate_layer(layer, x)
     layer.quant_enabled = False
     assert torch.equal(layer(x), ref)
 
@@ -278,7 +269,7 @@ def test_split_conv_gets_separate_input_ranges() -> None:
     split = QuantConv2d(conv, INT8_CH, INT8_ACT, split_at=4)
     shared = QuantConv2d(copy.deepcopy(conv), INT8_CH, INT8_ACT)
     for layer in (split, shared):
-        _calibrate_layer(layer, x)
+        calibrate_layer(layer, x)
     q_deep, q_skip = split.input_quantizers
     assert float(q_deep.scale) > 100 * float(q_skip.scale)
     assert len(shared.input_quantizers) == 1

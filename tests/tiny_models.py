@@ -55,6 +55,17 @@ def tiny_dit(attention_bias: bool = True) -> DiTTransformer2DModel:
     )
 
 
+def calibrate_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Calibrate one quantized layer on ``x`` alone (weight ranges, then input ranges); returns it."""
+    layer.calibrate_weight()
+    for q in layer.input_quantizers:
+        q.start_calibration()
+    layer(x)
+    for q in layer.input_quantizers:
+        q.finish_calibration()
+    return layer
+
+
 def scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
 

@@ -30,7 +30,7 @@ from qdiffuse.errors import ModelLoadError
 from qdiffuse.formats import pack_bits, unpack_bits
 from qdiffuse.fsutil import atomic_dir, folder_size
 from qdiffuse.kernels.freeze import RuntimeReport
-from qdiffuse.kernels.modules import RealLayer
+from qdiffuse.kernels.modules import RealLayer, split_weight_shapes
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.models.loading import META_FILE, LoadedModel, build_model, read_json
 from qdiffuse.nn.layers import QuantLayer
@@ -58,7 +58,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer | RealLayer
 def _storage_codes(layer: QuantLayer | RealLayer) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
     """Per split: the codes as stored on disk and the weight shape they decode to."""
     if isinstance(layer, RealLayer):
-        return [(layer.storage_codes(k), shape) for k, shape in enumerate(layer.weight_shapes())]
+        return [(layer.storage_codes(k), shape) for k, shape in enumerate(split_weight_shapes(layer))]
     parts = layer.weight_parts(layer.weight)
     return [(q.encode(p), tuple(p.shape)) for q, p in zip(layer.weight_quantizers, parts, strict=True)]
 
@@ -225,7 +225,7 @@ def _load_tensors(
 
 def _check_shapes(layer: QuantLayer, entry: dict[str, Any], name: str) -> None:
     """The manifest's split shapes must be the ones the model config gives the layer."""
-    expected = [list(p.shape) for p in layer.weight_parts(layer.weight)]
+    expected = [list(shape) for shape in split_weight_shapes(layer)]
     if entry["shapes"] != expected:
         raise ModelLoadError(f"{name}: stored weight shapes {entry['shapes']} != model {expected}")
 

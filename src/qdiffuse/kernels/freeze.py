@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from qdiffuse.errors import ConfigError
 from qdiffuse.kernels.base import pin_static_params
 from qdiffuse.kernels.dispatch import FALLBACK, Part, select_kernel
-from qdiffuse.kernels.modules import RealLayer
+from qdiffuse.kernels.modules import RealLayer, split_weight_shapes
 
 RUNTIMES = ("real", "simulated")
 """real: packed weights on the best kernel per layer (fallbacks reported). simulated: float weights holding the
@@ -84,7 +84,7 @@ class RuntimeReport:
 def real_layer(layer: nn.Module, storage_codes: list[Tensor], device: torch.device) -> tuple[RealLayer, list[str]]:
     """A :class:`RealLayer` for ``layer`` (a QuantLayer skeleton whose weight quantizers are calibrated) from its
     per-split storage codes; also the fallback reasons of its parts."""
-    shapes = _split_shapes(layer)
+    shapes = split_weight_shapes(layer)
     kernels, reasons = [], []
     for k, (wq, codes, shape) in enumerate(zip(layer.weight_quantizers, storage_codes, shapes, strict=True)):
         iq = layer.input_quantizers[k] if len(layer.input_quantizers) else None
@@ -92,14 +92,6 @@ def real_layer(layer: nn.Module, storage_codes: list[Tensor], device: torch.devi
         kernels.append(kernel)
         reasons += why
     return RealLayer(layer, kernels), reasons
-
-
-def _split_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
-    if hasattr(layer, "kernel_size"):
-        full = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
-    else:
-        full = (layer.out_features, layer.in_features)
-    return [(full[0], s, *full[2:]) for s in layer.splits]
 
 
 def realize_attention(model: nn.Module, device: torch.device) -> str | None:

@@ -14,6 +14,15 @@ from torch import Tensor, nn
 from qdiffuse.kernels.base import WeightKernel, active_quantizer
 
 
+def split_weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
+    """Weight shape of each input split of a quantized Linear/Conv2d, simulated or real."""
+    if hasattr(layer, "kernel_size"):
+        full = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+    else:
+        full = (layer.out_features, layer.in_features)
+    return [(full[0], s, *full[2:]) for s in layer.splits]
+
+
 class RealLayer(nn.Module):
     """Sum over input splits of kernel(split input, split weight), plus the bias."""
 
@@ -55,12 +64,6 @@ class RealLayer(nn.Module):
         qmin = int_bounds(spec.bits, spec.symmetric, spec.unsigned)[0] if spec.kind == "int" else 0
         return self.kernels[k].storage_codes(qmin)
 
-    def weight_shapes(self) -> list[tuple[int, ...]]:
-        full = (self.out_features, self.in_features) if self.op_kind == "linear" else (
-            self.out_channels, self.in_channels // self.groups, *self.kernel_size
-        )
-        return [(full[0], s, *full[2:]) for s in self.splits]
-
     def packed_bytes(self) -> int:
         """Bytes of the weights as held in memory (codes in execution layout plus their scales)."""
         return sum(k.nbytes for k in self.kernels)
@@ -69,4 +72,4 @@ class RealLayer(nn.Module):
         return f"{self.op_kind}, kernels={self.kernel_names}"
 
 
-__all__ = ["RealLayer"]
+__all__ = ["RealLayer", "split_weight_shapes"]

@@ -332,3 +332,14 @@ def test_quantize_is_real_by_default(tmp_path_factory: pytest.TempPathFactory) -
     assert report.runtime == "real" and report.kernel_counts()["onednn-int8-linear"] > 0
     assert "attention matmul pairs on" in report.summary()
     assert cost_summary(loaded.denoiser)["bops_reduction"] > 10  # BOPs are counted on real layers too
+
+
+def test_a_real_layer_called_on_another_device_says_how_to_load_it() -> None:
+    from qdiffuse.errors import ModelLoadError
+
+    x = torch.randn(2, 16)
+    layer = calibrate_layer(QuantLinear(nn.Linear(16, 8), *SCHEMES["w8a8"]), x)
+    holder = nn.Sequential(layer)
+    freeze(holder)
+    with pytest.raises(ModelLoadError, match="load the folder again with device='meta'"):
+        holder(x.to("meta"))

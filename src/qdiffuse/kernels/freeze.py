@@ -91,7 +91,7 @@ def real_layer(layer: nn.Module, storage_codes: list[Tensor], device: torch.devi
         kernel, why = select_kernel(Part(layer, k, wq, iq, codes, shape, device))
         kernels.append(kernel)
         reasons += why
-    return RealLayer(layer, kernels), reasons
+    return RealLayer(layer, kernels, device), reasons
 
 
 def realize_attention(model: nn.Module, device: torch.device) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qdiffuse.errors import ModelLoadError
 from qdiffuse.kernels.base import WeightKernel, active_quantizer
 
 
@@ -26,8 +27,9 @@ def split_weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
 class RealLayer(nn.Module):
     """Sum over input splits of kernel(split input, split weight), plus the bias."""
 
-    def __init__(self, layer: nn.Module, kernels: list[WeightKernel]) -> None:
+    def __init__(self, layer: nn.Module, kernels: list[WeightKernel], device: torch.device) -> None:
         super().__init__()
+        self.device_type = device.type
         self.op_kind = "conv2d" if hasattr(layer, "kernel_size") else "linear"
         for attr in (
             "weight_spec", "act_spec", "splits", "channel_dim", "in_features", "out_features", "in_channels",
@@ -46,6 +48,11 @@ class RealLayer(nn.Module):
         return [k.name for k in self.kernels]
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != self.device_type:
+            raise ModelLoadError(
+                f"this quantized layer's kernels hold their weights on {self.device_type}, the input is on "
+                f"{x.device.type}: load the folder again with device={x.device.type!r} instead of moving the model"
+            )
         parts = [x] if len(self.splits) == 1 else list(torch.split(x, self.splits, dim=self.channel_dim))
         has_input_q = len(self.input_quantizers) > 0
         out: Tensor | None = None

@@ -5,7 +5,7 @@
 Builds a random-weight ``DiTTransformer2DModel`` (DiT-B/2-like by default: 12 blocks, 1152 wide, ~130M
 parameters), saves it as a diffusers folder, quantizes it (minmax, 4 random calibration inputs: ranges do not
 change memory) at W8A8 and W4A8, saves both, and then loads each folder in a fresh process and reports that
-process's peak RSS (``ru_maxrss``) above the RSS it had after importing torch and diffusers, plus the bytes the
+process's peak RSS (``VmHWM``) above the RSS it had after importing torch and diffusers, plus the bytes the
 loaded model holds (``qdiffuse.kernels.model_bytes``). A loader that made an FP32 copy of the weights first
 would peak at least at the FP32 size.
 """
@@ -19,10 +19,13 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch, diffusers  # noqa: F401  (the baseline includes the libraries)
 from qdiffuse.kernels import model_bytes
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def high_water():  # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across exec
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+base = high_water()
 folder, quantized = sys.argv[1], sys.argv[2] == "1"
 if quantized:
     from qdiffuse.io import load_quantized
@@ -30,7 +33,7 @@ if quantized:
 else:
     from qdiffuse.models.loading import load_model_folder
     model = load_model_folder(folder).denoiser.model
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 print(json.dumps({"peak_above_baseline": peak - base, "held": model_bytes(model)["total"]}))
 """
 

@@ -251,7 +251,7 @@ class _Int4Matmul(IntegerKernel):
     def __init__(self, matrix_kn: Tensor, weight_scale: Tensor) -> None:
         self.kn_shape = tuple(matrix_kn.shape)
         self.nibbles = pack_int4(matrix_kn.contiguous())
-        self.column_sums = matrix_kn.to(torch.int32).sum(dim=0)
+        self.column_sums = matrix_kn.sum(dim=0, dtype=torch.int32)
         self.weight_scale = weight_scale.float().reshape(-1).contiguous()
 
     def matmul(self, rows_u8: Tensor, x: ActCodes, bias: Tensor | None) -> Tensor:

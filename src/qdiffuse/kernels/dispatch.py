@@ -54,7 +54,9 @@ class Part:
     def signed_codes(self) -> Tensor:
         spec = self.spec
         qmin = int_bounds(spec.bits, spec.symmetric, spec.unsigned)[0]
-        return (self.storage_codes.to(torch.int16) + qmin).to(torch.int8).reshape(self.weight_shape)
+        # uint8 addition wraps modulo 256, so adding qmin mod 256 and reading the bytes as int8 is code + qmin
+        # without a wider temporary (a large weight is loaded one byte per code).
+        return (self.storage_codes + qmin % 256).view(torch.int8).reshape(self.weight_shape)
 
     def weight_scale(self) -> Tensor:
         return self.weight_quantizer.scale.reshape(-1)

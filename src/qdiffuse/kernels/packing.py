@@ -25,7 +25,7 @@ def pack_int4(codes: Tensor) -> Tensor:
         raise DataError("pack_int4 needs an even number of codes; pad the weight first")
     if flat.numel() and (int(flat.min()) < -8 or int(flat.max()) > 7):
         raise DataError("a code lies outside [-8, 7]; only 4-bit codes pack two per byte")
-    u = (flat.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8)
+    u = flat.view(torch.uint8) + NIBBLE_OFFSET  # wraps modulo 256: exactly code + 8 for codes in [-8, 7]
     return u[0::2] | (u[1::2] << 4)
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/load_memory.py --work /tmp/load-memory [--layers 12 --width 1152]
 
-Builds a random-weight ``DiTTransformer2DModel`` (DiT-B/2-like by default: 12 blocks, 1152 wide, ~130M
+Builds a random-weight ``DiTTransformer2DModel`` (by default 12 blocks of DiT-XL/2's width 1152, 323M
 parameters), saves it as a diffusers folder, quantizes it (minmax, 4 random calibration inputs: ranges do not
 change memory) at W8A8 and W4A8, saves both, and then loads each folder in a fresh process and reports that
 process's peak RSS (``VmHWM``) above the RSS it had after importing torch and diffusers, plus the bytes the

@@ -7,9 +7,9 @@ the zero point), then, per head and per block of query rows whose scores fit in 
 QKᵀ, the softmax and its 8-bit codes, and multiplies those codes by V's. The scales are applied once to the
 result. Products of integer codes are exact in float32 while a dot product stays below 2²⁴ (Q·Kᵀ: any head
 dimension up to 258), so Q·Kᵀ equals the integer product exactly and softmax·V up to float accumulation. Measured
-single-threaded (``benchmarks/attention_candidates.py``, BENCHMARKS.md): 1.2–1.6× faster than the simulated
-processor at 256–1024 tokens and ~6× at 4096, where the simulated one spills a 1 GB score matrix; still slower
-than FP32 ``scaled_dot_product_attention``, which never materialises the scores and has no softmax quantizer.
+single-threaded (``benchmarks/attention_candidates.py``, BENCHMARKS.md): 1.35–2× faster than the simulated
+processor from 256 to 4096 tokens, and still 1.3–1.8× slower than FP32 ``scaled_dot_product_attention``, which
+never materialises the scores and has no softmax quantizer.
 
 ``torch._int_mm`` per head was measured as well and is not faster at these head dimensions (32–80): the GEMMs
 are a small part of attention, the passes over the score matrix are the rest.

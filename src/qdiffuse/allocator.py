@@ -2,10 +2,11 @@
 
 By default glibc serves every allocation above 128 KiB-32 MiB (adaptive) with a fresh ``mmap`` and returns it to
 the kernel on free; a denoiser forward allocates and frees the same large activations on every call, and the
-first touch of each fresh page then costs more than the arithmetic: measured on the development CPU, copying an
-8M-element float32 tensor took 23 ms with fresh pages and 3.2 ms with reused ones, and an int32 → float32
-conversion 23.6 ms against 3.2 ms. The command line calls :func:`keep_freed_memory` once at start, before any
-model runs, so FP and quantized models in one process run under the same allocator.
+first touch of each fresh page then costs more than the arithmetic: measured on the development CPU
+(``benchmarks/allocator_effect.py``, 8M elements, one thread), an int32 → float32 conversion took 21–24 ms with
+fresh pages and 3.1–3.7 ms with reused ones, a float32 → uint8 conversion 9.5–10.6 ms against 4.4–4.7 ms.
+The command line calls :func:`keep_freed_memory` once at start, before any model runs, so FP and quantized
+models in one process run under the same allocator.
 """
 
 from __future__ import annotations

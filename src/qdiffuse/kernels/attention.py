@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from qdiffuse.formats import quantize_int
-from qdiffuse.kernels.base import active_quantizer, int_params
+from qdiffuse.kernels.base import active_quantizer, int_params, variant_quantizers
 from qdiffuse.nn.attention import QuantAttnProcessor
-from qdiffuse.nn.quantizer import ActivationQuantizer, SwitchableActivationQuantizer
+from qdiffuse.nn.quantizer import ActivationQuantizer
 
 BLOCK_ELEMENTS = 1 << 18
 """Score elements per block (1 MiB of float32): measured best of 2^15..2^21 at 4096 tokens (L2/L3 resident)."""
@@ -84,17 +84,14 @@ def integer_attention_problem(processor: QuantAttnProcessor, device: torch.devic
     """Why the integer processor cannot replace ``processor`` (None: it can)."""
     if device.type != "cpu":
         return f"no integer attention kernel for {device.type}"
-    quantizers = []
-    for q in processor.quantizers().values():
-        quantizers += list(q.variants.values()) if isinstance(q, SwitchableActivationQuantizer) else [q]
-    for q in quantizers:
+    for q in [v for quantizer in processor.quantizers().values() for v in variant_quantizers(quantizer)]:
         if not isinstance(q, ActivationQuantizer) or q.spec.kind != "int" or q.spec.bits > 8:
             return f"attention activations {q.spec.describe()} are not integers of <= 8 bits"
         if q.spec.granularity != "tensor":
             return f"attention activations {q.spec.describe()} are not per tensor"
     softmax = processor.softmax_quantizer
-    if softmax.dynamic or softmax.spec.symmetric and not softmax.spec.unsigned:
-        return "the softmax quantizer is not a static unsigned grid"
+    if softmax.dynamic or not softmax.spec.unsigned:
+        return "the softmax quantizer is not a static unsigned grid (zero point 0)"
     return None
 
 

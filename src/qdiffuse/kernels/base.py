@@ -72,6 +72,15 @@ def active_quantizer(quantizer: nn.Module) -> ActivationQuantizer:
     return quantizer
 
 
+def variant_quantizers(quantizer: nn.Module | None) -> list[ActivationQuantizer]:
+    """Every grid an input may be quantized on: a switchable quantizer's variants, else the one quantizer."""
+    if quantizer is None:
+        return []
+    if isinstance(quantizer, SwitchableActivationQuantizer):
+        return list(quantizer.variants.values())
+    return [quantizer]
+
+
 @dataclass(frozen=True)
 class IntParams:
     """An integer activation grid as plain numbers: ``u = clamp(round(x / scale) + zero_point, qmin, qmax) +
@@ -134,6 +143,7 @@ __all__ = [
     "IntegerKernel",
     "active_quantizer",
     "activation_codes",
+    "variant_quantizers",
     "int_params",
     "pin_static_params",
 ]

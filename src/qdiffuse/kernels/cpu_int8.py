@@ -1,16 +1,16 @@
 """INT8 × INT8 → INT32 kernels for x86 CPUs (VNNI): oneDNN's quantized conv and linear, and ``torch._int_mm``.
 
 Measured on the development CPU (``benchmarks/kernel_candidates.py``, one thread): oneDNN's prepacked INT8 3×3
-conv runs 3.5–4.5× faster than FP32 and its linear 3–4×, both with the exact integer sum and a float32 epilogue
-(``acc · s_x · s_w + bias``), so they compute what the simulated layer computes up to float rounding. oneDNN
-wants its weights prepacked (a blocked int8 blob; repacking a 1280×1280×3×3 conv costs ~130 ms), so an 8-bit
+conv runs 3.8–4.7× faster than FP32 and its linear 4.1–4.6×, both with the exact integer sum and a float32
+epilogue (``acc · s_x · s_w + bias``), so they compute what the simulated layer computes up to float rounding.
+oneDNN wants its weights prepacked (a blocked int8 blob; prepacking a 1280×1280×3×3 conv costs 92 ms), so an 8-bit
 weight lives in memory in that layout, one byte per weight.
 
 4-bit weights stay two per byte and are unpacked per call. Linears then run on ``torch._int_mm`` (the uint8 input
 is shifted to int8 by −128 and the shift is taken back with the weight's column sums). Wide convolutions
 (``IM2COL_MIN_REDUCTION``) run as im2col + ``_int_mm``, whose k²-fold copy of the input is cheap next to their
-GEMM; narrow ones unpack and prepack their small weight for oneDNN on every call (0.4 ms for 64×64×3×3, against
-12 ms for the conv itself at batch 64, 32×32), which would cost more than the conv for a wide weight.
+GEMM; narrow ones unpack and prepack their small weight for oneDNN on every call (0.38 ms for 64×64×3×3, against
+17 ms for the conv itself at batch 64, 32×32), which would cost more than the conv for a wide weight.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from qdiffuse.formats import int_bounds
 from qdiffuse.formats.spec import FormatSpec
-from qdiffuse.kernels.base import WeightKernel
+from qdiffuse.kernels.base import WeightKernel, variant_quantizers
 from qdiffuse.kernels.cpu_int8 import (
     IM2COL_MIN_REDUCTION,
     Int4Conv2d,
@@ -28,7 +28,7 @@ from qdiffuse.kernels.cpu_int8 import (
 )
 from qdiffuse.kernels.cuda_fp8 import Fp8RowwiseLinear, fp8_gemm_capable
 from qdiffuse.kernels.dequant import DequantKernel
-from qdiffuse.nn.quantizer import ActivationQuantizer, SwitchableActivationQuantizer, WeightQuantizer
+from qdiffuse.nn.quantizer import WeightQuantizer
 
 
 @dataclass
@@ -36,7 +36,6 @@ class Part:
     """One input split of a layer, with everything a backend needs to decide and to build."""
 
     layer: nn.Module
-    index: int
     weight_quantizer: WeightQuantizer
     input_quantizer: nn.Module | None
     storage_codes: Tensor
@@ -62,13 +61,6 @@ class Part:
         return self.weight_quantizer.scale.reshape(-1)
 
 
-def _input_specs(part: Part) -> list[ActivationQuantizer]:
-    q = part.input_quantizer
-    if q is None:
-        return []
-    return list(q.variants.values()) if isinstance(q, SwitchableActivationQuantizer) else [q]
-
-
 def _int8_problem(part: Part, max_weight_bits: int = 8) -> str | None:
     """Why integer kernels cannot run this part (None: they can)."""
     spec = part.spec
@@ -78,7 +70,7 @@ def _int8_problem(part: Part, max_weight_bits: int = 8) -> str | None:
         return "this torch build has no oneDNN quantized ops"
     if spec.kind != "int" or spec.granularity != "channel" or not spec.symmetric or spec.bits > max_weight_bits:
         return f"weights {spec.describe()} are not symmetric per-channel integers of <= {max_weight_bits} bits"
-    acts = _input_specs(part)
+    acts = variant_quantizers(part.input_quantizer)
     if not acts:
         return "the input stays in floating point (weight-only or an fp input)"
     for q in acts:
@@ -116,7 +108,7 @@ def _fp8_problem(part: Part) -> str | None:
         return "FP8 GEMMs need a CUDA GPU of compute capability >= 8.9"
     if part.spec.kind != "fp8_e4m3" or part.spec.granularity != "channel":
         return f"weights {part.spec.describe()} are not per-channel e4m3"
-    acts = _input_specs(part)
+    acts = variant_quantizers(part.input_quantizer)
     if len(acts) != 1 or acts[0].spec.kind != "fp8_e4m3" or acts[0].dynamic:
         return "the input is not a static per-tensor e4m3 activation"
     if part.weight_shape[0] % 16 or part.weight_shape[1] % 16:

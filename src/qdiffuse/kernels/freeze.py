@@ -88,7 +88,7 @@ def real_layer(layer: nn.Module, storage_codes: list[Tensor], device: torch.devi
     kernels, reasons = [], []
     for k, (wq, codes, shape) in enumerate(zip(layer.weight_quantizers, storage_codes, shapes, strict=True)):
         iq = layer.input_quantizers[k] if len(layer.input_quantizers) else None
-        kernel, why = select_kernel(Part(layer, k, wq, iq, codes, shape, device))
+        kernel, why = select_kernel(Part(layer, wq, iq, codes, shape, device))
         kernels.append(kernel)
         reasons += why
     return RealLayer(layer, kernels, device), reasons

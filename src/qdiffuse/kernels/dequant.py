@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from qdiffuse.formats import pack_bits, unpack_bits
@@ -42,8 +43,6 @@ class DequantKernel(WeightKernel):
         return raw.reshape(self.code_shape)
 
     def weight(self) -> Tensor:
-        import torch
-
         return self.quantizer.decode(self._codes(), torch.Size(self.weight_shape))
 
     def run(self, x: Tensor, quantizer: ActivationQuantizer | None, bias: Tensor | None) -> Tensor:

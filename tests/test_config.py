@@ -89,11 +89,11 @@ def test_unknown_scheme_lists_the_known_ones() -> None:
 
 def test_unknown_method_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError) as exc:
-        QuantConfig.from_scheme("w8a8", method="gptq")
+        QuantConfig.from_scheme("w8a8", method="awq")
     message = _one_line(exc)
-    assert "'gptq'" in message and all(m in message for m in METHODS)
+    assert "'awq'" in message and all(m in message for m in METHODS)
     with pytest.raises(ConfigError):
-        QuantConfig.from_scheme("w8a8").with_overrides(method="gptq")
+        QuantConfig.from_scheme("w8a8").with_overrides(method="awq")
 
 
 @pytest.mark.parametrize("field, value", [("calib_steps", 0), ("calib_per_step", -1), ("softmax_bits", 7)])

@@ -33,6 +33,7 @@ set_progress_enabled(False)
 
 def _quantize(folder: Path, scheme: str, **overrides: object) -> LoadedModel:
     loaded = load_model_folder(folder)
+    overrides = {"outliers": "off", "guard_db": 0, **overrides}  # handling: tests/test_outliers.py
     config = QuantConfig.from_scheme(
         scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4, **overrides
     )

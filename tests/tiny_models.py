@@ -95,6 +95,8 @@ _FOLDER_CACHE: dict[tuple, Path] = {}
 
 
 def _build(kind: str) -> tuple[torch.nn.Module, dict | None]:
+    """The same weights whichever test builds the shared folder first (not whatever the global RNG holds then)."""
+    torch.manual_seed(0)
     if kind == "unet":
         return tiny_unet(4), {"num_classes": 3, "null_class": 3}
     if kind == "cond":
@@ -127,7 +129,11 @@ def tiny_quantized_folder(
 
         set_progress_enabled(False)
         loaded = load_model_folder(tiny_folder(kind, tmp_path_factory))
-        config = QuantConfig.from_scheme(scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4)
+        # outlier handling off: these folders are fixtures for formats, kernels and loading (the untrained tiny
+        # models amplify any one-code difference); tests/test_outliers.py covers the handling itself
+        config = QuantConfig.from_scheme(
+            scheme, calib_steps=3, calib_per_step=4, calib_num_inference_steps=4, outliers="off", guard_db=0
+        )
         quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance)
         out = tmp_path_factory.mktemp(f"tiny-{kind}-{scheme}") / "q"
         _FOLDER_CACHE[key] = save_quantized(loaded, out)

@@ -7,7 +7,7 @@ Like torchao's ``quantize_``, it rewrites the model in place and returns it: the
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from qdiffuse.calibration.ptq import calibrate_ptq
 from qdiffuse.config import QuantConfig
 from qdiffuse.errors import ConfigError
 from qdiffuse.models.denoiser import Denoiser
-from qdiffuse.nn.rewrite import LayerPlan, quantize_model
+from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model
 
 STATE_ATTR = "qdiffuse_state"
 
@@ -77,14 +77,42 @@ def quantize(
             cond=cond,
         )
     fp_model = copy.deepcopy(denoiser.model) if config.reconstructs else None
+    guard_probe = guard_reference = None
+    if config.guard_db > 0 and config.activation is not None:
+        from qdiffuse.outliers.guard import fp_reference, guard_rows
+
+        guard_probe = guard_rows(calib)
+        guard_reference = fp_reference(denoiser, guard_probe, batch_size)
+    treatments = None
+    if config.outliers == "auto":
+        from qdiffuse.outliers.auto import plan_treatments
+
+        treatments = plan_treatments(denoiser, config, calib, batch_size)
+        config = treatments.config
     plan = quantize_model(denoiser.model, config)
+    if treatments is not None:
+        from qdiffuse.outliers.auto import install_treatments
+
+        install_treatments(denoiser.model, treatments)
     weights = fp_weights(denoiser.model) if config.corrects_bias else None
-    calibrate_ptq(denoiser, calib, batch_size)
+    calibrate_ptq(denoiser, calib, batch_size, gptq=config.uses_gptq)
     info: dict[str, Any] = {
         "inputs": len(calib),
         "guidance": guidance,
         "timesteps": sorted({int(t) for t in calib.t.tolist()}),
     }
+    if treatments is not None and treatments.decisions:
+        info["outliers"] = treatments.summary()
+    if guard_probe is not None and guard_reference is not None:
+        from qdiffuse.outliers.guard import run_guard
+
+        guard = run_guard(denoiser, guard_probe, guard_reference, config.guard_db, batch_size=batch_size)
+        moved = tuple(entry["layer"] for entry in guard.fp_input_layers)
+        if moved:
+            config = replace(config, fp_inputs=config.fp_inputs + moved)
+            labels = {n: m.bits_label() for n, m in quant_layers(denoiser.model) if n in moved}
+            plan = [replace(p, label=labels.get(p.name, p.label)) for p in plan]
+        info["guard"] = guard.to_dict()
     if weights is not None:
         corrections = correct_bias(denoiser, calib, weights, batch_size)
         del weights

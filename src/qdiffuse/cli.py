@@ -115,7 +115,8 @@ def quantize(
         str,
         typer.Option(
             help="minmax, mse, mse+bias (mse + bias correction), ptqd (mse + noise correction), qdiffusion "
-            "(mse + reconstruction) or qdiffusion+ptqd (both)."
+            "(mse + reconstruction), qdiffusion+ptqd (both), gptq (mse + GPTQ weight rounding, a fast "
+            "alternative to reconstruction) or gptq+ptqd (gptq + noise correction)."
         ),
     ] = "minmax",
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
@@ -133,6 +134,16 @@ def quantize(
         ),
     ] = False,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic (per-call) activation ranges.")] = False,
+    outliers: Annotated[
+        str,
+        typer.Option(help="auto: per-layer smoothing, dynamic ranges or FP outlier channels where the calibration "
+                     "data needs them; off: one grid per layer."),
+    ] = "auto",
+    guard_db: Annotated[
+        float | None,
+        typer.Option(help="Largest output PSNR loss (dB) the activations may cost against the weight-only model; "
+                     "over it the costliest inputs go to FP (default 3 for 8-bit activations, 0 = off)."),
+    ] = None,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
     no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
@@ -177,6 +188,8 @@ def quantize(
         quantize_attention=not no_attention,
         split_shortcuts=not no_split,
         dynamic_activations=dynamic,
+        outliers=outliers,
+        **({} if guard_db is None else {"guard_db": guard_db}),
         calib_steps=calib_steps,
         calib_per_step=calib_per_step,
         calib_sampler=calib_sampler,
@@ -206,7 +219,7 @@ def quantize(
         guidance=guidance,
         batch_size=batch_size,
     )
-    quantize_folder(
+    loaded = quantize_folder(
         model,
         out,
         config,
@@ -219,6 +232,13 @@ def quantize(
         analysis=analysis,
         snr_margin=snr_margin,
     )
+    from qdiffuse.api import quant_state
+    from qdiffuse.outliers.commands import decision_lines
+
+    state = quant_state(loaded.denoiser.model)
+    if not quiet:  # -q: the decisions stay in the folder, for `qdiffuse info`
+        for line in decision_lines(state.calibration if state else {}):
+            typer.echo(line)
     typer.echo(f"wrote {out} ({config.scheme}, {config.method})")
 
 
@@ -397,6 +417,10 @@ def info(
     calib = desc["calibration"]
     if calib:
         typer.echo(f"calibrated: {calib.get('inputs')} inputs over {len(calib.get('timesteps', []))} timesteps")
+        from qdiffuse.outliers.commands import decision_lines
+
+        for line in decision_lines(calib, limit=10**6):
+            typer.echo(line)
     cost_path = folder / "cost.json"
     if cost_path.is_file():
         cost = json.loads(cost_path.read_text())
@@ -561,6 +585,33 @@ def bench(
         cfg = replace(cfg, runtime=check_runtime(runtime))
     Bench(cfg, out, resolve_device(device)).run()
     typer.echo((out / "results.md").read_text())
+
+
+@app.command()
+def sensitivity(
+    model: Annotated[str, typer.Argument(help="Built-in name, twin, diffusers folder or quantized folder.")],
+    scheme: Annotated[str, typer.Option(help="Scheme to quantize with (ignored for a quantized folder).")] = "w8a8",
+    method: Annotated[str, typer.Option(help="Method to quantize with (ignored for a quantized folder).")] = "minmax",
+    outliers: Annotated[str, typer.Option(help="auto or off (ignored for a quantized folder).")] = "off",
+    per: Annotated[str, typer.Option(help="block or layer.")] = "block",
+    num: Annotated[int, typer.Option("--num", "-n", help="Trajectories; inputs are taken at 10 of their steps.")] = 8,
+    calib_steps: Annotated[int, typer.Option(help="Calibration: sampler steps to take inputs from.")] = 20,
+    calib_per_step: Annotated[int, typer.Option(help="Calibration: trajectories.")] = 32,
+    seed: int = 0,
+    guidance: float = 1.0,
+    batch_size: int = 64,
+    device: Device = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Rank blocks or layers by what their quantized inputs cost at the output, per timestep range."""
+    _setup(quiet)
+    from qdiffuse.outliers.commands import sensitivity_command
+
+    typer.echo(sensitivity_command(model, scheme, method, outliers, per, num, seed, guidance, batch_size,
+                                   resolve_device(device), json_out, overwrite,
+                                   {"calib_steps": calib_steps, "calib_per_step": calib_per_step}), nl=False)
 
 
 @app.command()

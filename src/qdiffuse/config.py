@@ -14,16 +14,22 @@ from typing import Any
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
 
-METHODS = ("minmax", "mse", "mse+bias", "ptqd", "qdiffusion", "qdiffusion+ptqd")
+METHODS = ("minmax", "mse", "mse+bias", "ptqd", "qdiffusion", "qdiffusion+ptqd", "gptq", "gptq+ptqd")
 """minmax/mse: round-to-nearest PTQ with that range search. mse+bias: mse, then empirical bias correction (each
 layer's mean output error on the calibration set added to its bias; one extra forward pass). ptqd: mse ranges
 plus PTQD's noise statistics, measured at quantization time and corrected at sampling time. qdiffusion: mse
 ranges, then Q-Diffusion's block reconstruction (learned weight rounding and activation step sizes).
 qdiffusion+ptqd: PTQD's statistics and corrections on top of the reconstructed model (the residual noise is what
-reconstruction could not remove)."""
+reconstruction could not remove). gptq: mse ranges, weights rounded by GPTQ (one float pass for the layers'
+input Hessians, then error-compensating rounding onto the same grids; much faster than reconstruction).
+gptq+ptqd: PTQD's statistics and corrections on top of the GPTQ model."""
 RECONSTRUCTING_METHODS = ("qdiffusion", "qdiffusion+ptqd")
-NOISE_CORRECTING_METHODS = ("ptqd", "qdiffusion+ptqd")
+NOISE_CORRECTING_METHODS = ("ptqd", "qdiffusion+ptqd", "gptq+ptqd")
 BIAS_CORRECTING_METHODS = ("mse+bias",)
+OUTLIER_MODES = ("auto", "off")
+"""auto: measure every integer-activation input on the calibration data and give the layers one static grid
+cannot hold what they need (smoothing, dynamic ranges, outlier channels in FP, an FP input as the last resort;
+see :mod:`qdiffuse.outliers.auto`); off: one grid per layer as the scheme says."""
 RECON_UNITS = ("auto", "layer")
 """What reconstruction treats as one unit: diffusers blocks (layer by layer elsewhere), or every layer alone."""
 
@@ -58,6 +64,9 @@ and a per-tensor activation scale. NVFP4 and MXFP4 are blockwise by definition.
 
 MIXED_SCHEMES: dict[str, tuple[str, tuple[int, ...]]] = {"w4-mixed": ("w4a8", (4, 8)), "w8-mixed": ("w8a8", (4, 8))}
 """Step-aware mixed precision (PTQD): the base scheme's weights, activation bit-width chosen per step."""
+
+DEFAULT_GUARD_DB = 3.0
+"""What 8-bit activations may cost end to end, in dB of output PSNR to FP against the weight-only model."""
 
 HIGH_PRECISION = "w8a8"
 """Scheme for layers the policy keeps at higher precision when the main scheme is lower."""
@@ -114,6 +123,12 @@ class QuantConfig:
     split_shortcuts: separate quantizers for the two halves of concatenated UNet skip inputs.
     fp_inputs: layer-name patterns whose input is not quantized (weights still are); :meth:`from_scheme` puts
     the layers that read x_t here (:data:`DEFAULT_FP_INPUT`). Empty in folders made before the field existed.
+    dynamic_activations: dynamic (per-call) ranges for every activation; dynamic_layers: for these layers only.
+    outliers: per-layer outlier and drift handling (see :data:`OUTLIER_MODES`); what ``auto`` decided is stored
+    in ``dynamic_layers``, ``fp_inputs``, ``rules`` and each layer's input treatment, so loading never re-decides.
+    guard_db: end-to-end budget (dB of output PSNR to FP the activations may cost against the weight-only model,
+    measured after calibration); over it, the costliest layer inputs go to FP (:mod:`qdiffuse.outliers.guard`).
+    0 turns it off; :meth:`from_scheme` sets 3 dB for 8-bit activations.
     calib_steps / calib_per_step: time-step-aware calibration counts (steps evenly spaced over the sampler).
     recon_*: block reconstruction of the ``qdiffusion`` methods: learned-rounding and step-size iterations per
     block, calibration rows per iteration and in all, the two Adam learning rates, AdaRound's regulariser weight,
@@ -132,6 +147,9 @@ class QuantConfig:
     split_shortcuts: bool = True
     fp_inputs: tuple[str, ...] = ()
     dynamic_activations: bool = False
+    dynamic_layers: tuple[str, ...] = ()
+    outliers: str = "auto"
+    guard_db: float = 0.0
     mixed_activation_bits: tuple[int, ...] = ()
     calib_steps: int = 20
     calib_per_step: int = 32
@@ -153,6 +171,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.outliers not in OUTLIER_MODES:
+            raise ConfigError(f"outlier handling {self.outliers!r} unknown; use {' or '.join(OUTLIER_MODES)}")
+        if not (self.guard_db >= 0 and self.guard_db < float("inf")):
+            raise ConfigError(f"guard budget {self.guard_db} dB must be a finite number >= 0 (0 turns it off)")
         if self.softmax_bits != 8:
             raise ConfigError(
                 f"softmax_bits={self.softmax_bits} is not supported; the softmax output uses an unsigned 8-bit grid"
@@ -206,6 +228,8 @@ class QuantConfig:
         if keep_8bit and _is_below_8bit(weight, activation):
             rules += [LayerRule(p, HIGH_PRECISION) for p in keep_8bit]
         fp_inputs = tuple(fp_inputs) if activation is not None else ()
+        if activation is not None and activation.kind == "int" and activation.bits >= 8 and scheme not in MIXED_SCHEMES:
+            kwargs.setdefault("guard_db", DEFAULT_GUARD_DB)
         return cls(
             scheme=scheme,
             weight=weight,
@@ -225,6 +249,11 @@ class QuantConfig:
     def reconstructs(self) -> bool:
         """Block reconstruction after round-to-nearest PTQ."""
         return self.method in RECONSTRUCTING_METHODS
+
+    @property
+    def uses_gptq(self) -> bool:
+        """Integer weights rounded by GPTQ instead of to nearest (on the observer's grids)."""
+        return self.method in ("gptq", "gptq+ptqd")
 
     @property
     def corrects_bias(self) -> bool:
@@ -249,6 +278,10 @@ class QuantConfig:
         if self.activation is None or self.has_fp_input(layer_name):
             activation = None
         return weight, activation
+
+    def is_dynamic(self, layer_name: str) -> bool:
+        """Whether the layer's input range is computed per call rather than calibrated."""
+        return self.dynamic_activations or layer_name in self.dynamic_layers
 
     def has_fp_input(self, layer_name: str) -> bool:
         """True where the layer's input stays in floating point (see :data:`DEFAULT_FP_INPUT`)."""
@@ -284,6 +317,7 @@ class QuantConfig:
             data["rules"] = tuple(LayerRule(**r) for r in data.get("rules", []))
             data["mixed_activation_bits"] = tuple(data.get("mixed_activation_bits", ()))
             data["fp_inputs"] = tuple(data.get("fp_inputs", ()))
+            data["dynamic_layers"] = tuple(data.get("dynamic_layers", ()))
             if "recon_beta" in data:
                 data["recon_beta"] = tuple(data["recon_beta"])
             return cls(**data)
@@ -307,6 +341,7 @@ __all__ = [
     "NOISE_CORRECTING_METHODS",
     "BIAS_CORRECTING_METHODS",
     "RECON_UNITS",
+    "OUTLIER_MODES",
     "QuantConfig",
     "LayerRule",
     "DEFAULT_KEEP_8BIT",

@@ -33,6 +33,7 @@ from qdiffuse.kernels.freeze import RuntimeReport
 from qdiffuse.kernels.modules import RealLayer, split_weight_shapes
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.models.loading import META_FILE, LoadedModel, build_model, read_json
+from qdiffuse.models.twins import TWIN_META_KEY, TwinSpec, apply_twin
 from qdiffuse.nn.layers import QuantLayer
 from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model, set_submodule
 
@@ -155,6 +156,8 @@ def load_quantized(folder: str | Path, device: str = "cpu", runtime: str = "real
     setattr(model, REPORT_ATTR, report)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
     meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
+    if TWIN_META_KEY in meta:
+        apply_twin(model, TwinSpec.from_dict(meta[TWIN_META_KEY]), fold_weights=False)
     setattr(model, STATE_ATTR, QuantState(config, plan, manifest.get("calibration", {})))
     return LoadedModel(Denoiser.from_model(model, meta), scheduler_config, str(folder), sub, meta)
 
@@ -274,7 +277,7 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
             keys = list(f.keys())
             fp32_bytes = 0
             for key in keys:
-                if CODES in key or "quantizer" in key:
+                if CODES in key or "quantizer" in key or ".input_treatment." in key:
                     continue
                 sl = f.get_slice(key)
                 fp32_bytes += math.prod(sl.get_shape()) * 4

@@ -34,12 +34,14 @@ class RealLayer(nn.Module):
         for attr in (
             "weight_spec", "act_spec", "splits", "channel_dim", "in_features", "out_features", "in_channels",
             "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+            "_reversed_padding_repeated_twice",
         ):
             if hasattr(layer, attr):
                 setattr(self, attr, getattr(layer, attr))
         self.weight_quantizers = layer.weight_quantizers
         self.input_quantizers = layer.input_quantizers
         self.bias = layer.bias
+        self.input_treatment = layer.input_treatment
         self.kernels = kernels
         self.weight_hardened = True
 
@@ -53,6 +55,10 @@ class RealLayer(nn.Module):
                 f"this quantized layer's kernels hold their weights on {self.device_type}, the input is on "
                 f"{x.device.type}: load the folder again with device={x.device.type!r} instead of moving the model"
             )
+        treatment = self.input_treatment
+        fp = treatment.fp_output(x, self) if treatment.active else None
+        if treatment.active:
+            x = treatment.main_input(x)
         parts = [x] if len(self.splits) == 1 else list(torch.split(x, self.splits, dim=self.channel_dim))
         has_input_q = len(self.input_quantizers) > 0
         out: Tensor | None = None
@@ -61,7 +67,7 @@ class RealLayer(nn.Module):
             y = kernel.run(part, quantizer, self.bias if k == 0 else None)
             out = y if out is None else out + y
         assert out is not None
-        return out
+        return out if fp is None else out + fp
 
     def storage_codes(self, k: int) -> Tensor:
         """Split ``k``'s codes as the simulated layer's ``WeightQuantizer.encode`` gives them."""

@@ -46,7 +46,9 @@ def resolve_model_path(model: str | Path) -> Path:
 
     if str(model) in builtin.BUILTIN_MODELS:
         return builtin.builtin_path(str(model))
-    names = ", ".join(builtin.BUILTIN_MODELS)
+    from qdiffuse.models.twins import TWINS
+
+    names = ", ".join([*builtin.BUILTIN_MODELS, *TWINS])
     raise ModelLoadError(f"model {str(model)!r} is neither a folder nor a built-in model ({names})")
 
 
@@ -114,7 +116,15 @@ def build_model(config: dict[str, Any], where: str, meta: bool = False) -> nn.Mo
 
 
 def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load the FP model (float32) from a built-in name or a diffusers folder."""
+    """Load the FP model (float32) from a built-in name, a twin's name or a diffusers folder."""
+    from qdiffuse.models.twins import TWIN_META_KEY, TWINS, apply_twin
+
+    if str(model) in TWINS and not Path(model).exists():
+        spec = TWINS[str(model)]
+        base = load_model_folder(spec.base, device)
+        apply_twin(base.denoiser.model, spec)
+        base.meta[TWIN_META_KEY] = spec.to_dict()
+        return LoadedModel(base.denoiser, base.scheduler_config, spec.name, base.subfolder, base.meta)
     folder = resolve_model_path(model)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a folder; pass a diffusers model folder or a built-in name")

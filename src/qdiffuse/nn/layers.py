@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.nn.quantizer import WeightQuantizer, make_activation_quantizer
+from qdiffuse.outliers.treatment import InputTreatment
 
 
 class QuantLayer(nn.Module):
@@ -45,8 +46,17 @@ class QuantLayer(nn.Module):
             if act_spec is not None
             else nn.ModuleList()
         )
+        self.input_treatment = InputTreatment(channel_dim)
         self.weight_hardened = False
         self.quant_enabled = True
+
+    def treat_input(self, smooth: Tensor | None, fp_index: Tensor | None) -> None:
+        """Smooth the input and/or take outlier channels out of the quantized product (see
+        :class:`InputTreatment`); call before the weight is calibrated, on the float weight."""
+        if self.weight_hardened:
+            raise RuntimeError("input treatment must be set before the weight is quantized")
+        with torch.no_grad():
+            self.weight.data = self.input_treatment.install(self.weight, smooth, fp_index)
 
     def weight_parts(self, weight: Tensor) -> list[Tensor]:
         return list(torch.split(weight, self.splits, dim=1))
@@ -83,7 +93,12 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(self.quantize_input(x), self.effective_weight())
+        treatment = self.input_treatment
+        if not treatment.active:
+            return self.op(self.quantize_input(x), self.effective_weight())
+        out = self.op(self.quantize_input(treatment.main_input(x)), self.effective_weight())
+        fp = treatment.fp_output(x, self)
+        return out if fp is None else out + fp
 
     def add_to_bias(self, delta: Tensor) -> None:
         """Shift the bias by ``delta`` (one value per output channel), creating a bias if the layer had none."""

@@ -84,7 +84,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
                 weight_spec,
                 act_spec,
                 observer=observer,
-                dynamic=config.dynamic_activations,
+                dynamic=config.is_dynamic(name),
                 split_at=splits.get(name),
                 act_variants=config.activation_variants(name),
             )
@@ -108,9 +108,28 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace submodule ``name`` by ``new``, which takes over the forward hooks of the module it replaces."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child, None)
+    if isinstance(old, nn.Module):
+        transfer_hooks(old, new)
     setattr(parent, child, new)
+
+
+def transfer_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward hooks ``old`` had: whatever a user's (or a twin's) hooks do to a layer's input and
+    output keeps happening around its quantized replacement."""
+    for attr in (
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    ):
+        source = getattr(old, attr, None)
+        if source:
+            getattr(new, attr).update(source)
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
@@ -140,4 +159,6 @@ __all__ = [
     "quant_layers",
     "activation_quantizers",
     "set_quantization_enabled",
+    "set_submodule",
+    "transfer_hooks",
 ]

@@ -254,3 +254,38 @@ def test_quantize_info_and_sensitivity_commands_report_the_decisions(run, tmp_pa
     assert res.code == 2 and "--per 'channel' unknown" in res.stderr
     res = run("quantize", "fmnist-tiny", "--out", tmp_path / "x", "--outliers", "sometimes", "-q")
     assert res.code == 2 and "outlier handling 'sometimes' unknown" in res.stderr and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ per-group A4
+
+
+def test_grouped_int4_activations_match_hand_computed_values() -> None:
+    from qdiffuse.nn.quantizer import ActivationQuantizer
+
+    spec = FormatSpec(kind="int", bits=4, symmetric=False, granularity="group", group_size=4)
+    q = ActivationQuantizer(spec, block_dim=-1)
+    assert not q.needs_calibration and q.calibrated
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 40.0, -5.0]])
+    step = 40.0 / 15  # second group: range [0, 40] on 16 codes
+    expected = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4 * step, 8 * step, 11 * step, 40.0, -5.0]])
+    assert torch.allclose(q(x), expected, atol=1e-5)  # third group: one value, padded with zeros: -5 exact
+    conv_q = ActivationQuantizer(spec, block_dim=1)
+    image = torch.randn(2, 8, 3, 3)
+    per_pixel = conv_q(image)
+    manual = q(image.movedim(1, -1)).movedim(-1, 1)
+    assert torch.equal(per_pixel, manual)
+
+
+def test_grouped_scheme_runs_on_the_fallback_and_says_so() -> None:
+    loaded = load_model_folder("fmnist-dit")
+    config = QuantConfig.from_scheme("w4a4-g32", **SMALL_CALIB)
+    quantize(loaded.denoiser, loaded.scheduler_config, config)
+    from qdiffuse.kernels import runtime_report
+
+    report = runtime_report(loaded.denoiser.model)
+    assert report.attention and "not per tensor" in report.attention
+    assert any("dequant-fallback" in k for k in report.kernel_counts())
+    with pytest.raises(ConfigError, match="per channel"):
+        from qdiffuse.nn.quantizer import ActivationQuantizer
+
+        ActivationQuantizer(FormatSpec(kind="int", bits=4, granularity="channel"))

@@ -109,7 +109,7 @@ def quantize(
     model: Annotated[str, typer.Argument(help="Built-in model name or diffusers folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the quantized model.")],
     scheme: Annotated[
-        str, typer.Option(help="w8a8, w4a8, w4a4, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
+        str, typer.Option(help="w8a8, w4a8, w4a4, w4a4-g32, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
     ] = "w8a8",
     method: Annotated[
         str,

@@ -52,6 +52,10 @@ SCHEMES: dict[str, tuple[FormatSpec, FormatSpec | None]] = {
         FormatSpec(kind="fp8_e4m3", granularity="channel"),
         FormatSpec(kind="fp8_e4m3", granularity="tensor"),
     ),
+    "w4a4-g32": (
+        _int_weights(4),
+        FormatSpec(kind="int", bits=4, symmetric=False, granularity="group", group_size=32),
+    ),
     "nvfp4": (FormatSpec(kind="nvfp4"), FormatSpec(kind="nvfp4")),
     "mxfp4": (FormatSpec(kind="mxfp4"), FormatSpec(kind="mxfp4")),
 }
@@ -59,7 +63,10 @@ SCHEMES: dict[str, tuple[FormatSpec, FormatSpec | None]] = {
 
 Integer weights are symmetric per output channel (what integer kernels expect); integer activations are
 asymmetric per tensor, since post-SiLU/GELU activations are skewed. FP8 uses e4m3 with per-channel weight scales
-and a per-tensor activation scale. NVFP4 and MXFP4 are blockwise by definition.
+and a per-tensor activation scale. NVFP4 and MXFP4 are blockwise by definition. ``w4a4-g32`` keeps INT4 weights
+per channel and gives the INT4 activations one range per token and 32 consecutive channels, taken from the data
+on every call (SVDQuant's INT4 activations use groups of 64): the per-tensor 4-bit grid of ``w4a4`` cannot hold a
+transformer's tokens (measured on ``fmnist-dit``: 6.9 dB output PSNR to FP per tensor, 17.1 dB per group).
 """
 
 MIXED_SCHEMES: dict[str, tuple[str, tuple[int, ...]]] = {"w4-mixed": ("w4a8", (4, 8)), "w8-mixed": ("w8a8", (4, 8))}

@@ -19,6 +19,7 @@ from qdiffuse.formats import (
     dequantize_fp8,
     e2m1_decode,
     e2m1_encode,
+    fake_quant_int,
     fake_quantize,
     group_view,
     int_bounds,
@@ -158,9 +159,14 @@ class ActivationQuantizer(nn.Module):
         self, spec: FormatSpec, observer: str = "minmax", dynamic: bool = False, block_dim: int = -1
     ) -> None:
         super().__init__()
-        if spec.granularity != "tensor" and spec.kind in ("int", "fp8_e4m3", "fp8_e5m2"):
+        if spec.granularity != "tensor" and spec.kind in ("fp8_e4m3", "fp8_e5m2"):
             raise ConfigError(
-                f"activation format {spec.describe()} is not per tensor; activations use granularity 'tensor'"
+                f"activation format {spec.describe()} is not per tensor; FP8 activations use granularity 'tensor'"
+            )
+        if spec.kind == "int" and spec.granularity not in ("tensor", "group"):
+            raise ConfigError(
+                f"activation format {spec.describe()} is per channel; integer activations are per tensor or per "
+                "group (e.g. group_size=32: one range per token and 32 consecutive channels, found per call)"
             )
         self.spec = spec
         self.observer = observer
@@ -172,8 +178,13 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", None)
 
     @property
+    def grouped(self) -> bool:
+        """Integer ranges per token and group of channels, always from the data (nothing to calibrate)."""
+        return self.spec.kind == "int" and self.spec.granularity == "group"
+
+    @property
     def needs_calibration(self) -> bool:
-        return not self.dynamic and self.spec.kind != "mxfp4"
+        return not self.dynamic and self.spec.kind != "mxfp4" and not self.grouped
 
     @property
     def calibrated(self) -> bool:
@@ -209,6 +220,8 @@ class ActivationQuantizer(nn.Module):
             if spec.kind == "nvfp4" and (self.dynamic or scale is None):
                 scale = nvfp4_global_scale(x.detach().abs().amax())
             return fake_quantize(moved, spec, scale).movedim(-1, self.block_dim)
+        if self.grouped:
+            return grouped_fake_quant(x, spec, self.block_dim)
         if self.dynamic:
             scale, zero_point = dynamic_qparams(x.detach(), spec)
         else:
@@ -274,6 +287,30 @@ def activation_variants(model: nn.Module) -> list[str]:
         if isinstance(module, SwitchableActivationQuantizer):
             return list(module.variants)
     return []
+
+
+def grouped_fake_quant(x: Tensor, spec: FormatSpec, dim: int) -> Tensor:
+    """Quantize ``x`` with one integer range per ``spec.group_size`` consecutive values along ``dim`` (the
+    reduction dimension of the next matmul), ranges taken from the values themselves.
+
+    At 4 bits one range per tensor leaves a token a handful of codes once any other token or channel is large;
+    a range per token and group (SVDQuant's INT4 activations use groups of 64) keeps every group's own scale,
+    for one scale per group in memory traffic.
+    """
+    moved = x.movedim(dim, -1)
+    n = moved.shape[-1]
+    g = spec.group_size
+    pad = (-n) % g
+    flat = torch.nn.functional.pad(moved, (0, pad)) if pad else moved
+    groups = flat.reshape(*flat.shape[:-1], -1, g)
+    detached = groups.detach()
+    scale, zero_point = int_qparams(
+        detached.amin(-1, keepdim=True), detached.amax(-1, keepdim=True), spec.bits, spec.symmetric, spec.unsigned
+    )
+    qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
+    out = fake_quant_int(groups, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
+    out = out.reshape(flat.shape)[..., :n]
+    return out.movedim(-1, dim)
 
 
 def dynamic_qparams(x: Tensor, spec: FormatSpec) -> tuple[Tensor, Tensor | None]:

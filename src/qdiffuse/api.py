@@ -90,10 +90,10 @@ def quantize(
         treatments = plan_treatments(denoiser, config, calib, batch_size)
         config = treatments.config
     plan = quantize_model(denoiser.model, config)
-    if treatments is not None:
+    if treatments is not None or config.lowrank_rank:
         from qdiffuse.outliers.auto import install_treatments
 
-        install_treatments(denoiser.model, treatments)
+        install_treatments(denoiser.model, treatments, config.lowrank_rank)
     weights = fp_weights(denoiser.model) if config.corrects_bias else None
     calibrate_ptq(denoiser, calib, batch_size, gptq=config.uses_gptq)
     info: dict[str, Any] = {

@@ -136,6 +136,7 @@ class QuantConfig:
     guard_db: end-to-end budget (dB of output PSNR to FP the activations may cost against the weight-only model,
     measured after calibration); over it, the costliest layer inputs go to FP (:mod:`qdiffuse.outliers.guard`).
     0 turns it off; :meth:`from_scheme` sets 3 dB for 8-bit activations.
+    lowrank_rank: SVDQuant's float branch of this rank on every integer-weight layer at least 8× wider (0: none).
     calib_steps / calib_per_step: time-step-aware calibration counts (steps evenly spaced over the sampler).
     recon_*: block reconstruction of the ``qdiffusion`` methods: learned-rounding and step-size iterations per
     block, calibration rows per iteration and in all, the two Adam learning rates, AdaRound's regulariser weight,
@@ -157,6 +158,7 @@ class QuantConfig:
     dynamic_layers: tuple[str, ...] = ()
     outliers: str = "auto"
     guard_db: float = 0.0
+    lowrank_rank: int = 0
     mixed_activation_bits: tuple[int, ...] = ()
     calib_steps: int = 20
     calib_per_step: int = 32
@@ -180,6 +182,8 @@ class QuantConfig:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.outliers not in OUTLIER_MODES:
             raise ConfigError(f"outlier handling {self.outliers!r} unknown; use {' or '.join(OUTLIER_MODES)}")
+        if not 0 <= self.lowrank_rank <= 1024:
+            raise ConfigError(f"low-rank branch rank {self.lowrank_rank} must lie in 0..1024 (0: no branch)")
         if not (self.guard_db >= 0 and self.guard_db < float("inf")):
             raise ConfigError(f"guard budget {self.guard_db} dB must be a finite number >= 0 (0 turns it off)")
         if self.softmax_bits != 8:

@@ -115,9 +115,9 @@ class HessianAccumulator:
     def add(self, x: Tensor) -> None:
         """Fold a batch of the layer's float inputs into the running Hessian.
 
-        The sum of ``x xᵀ`` over chunks is kept in float64 and only divided by the count when read, which is the same as a
-        running mean but never rescales (and so never re-rounds) what was already accumulated: two halves give
-        the same ``H`` as one batch.
+        The sum of ``x xᵀ`` over chunks is kept in float64 and only divided by the count when read, which is the
+        same as a running mean but never rescales (and so never re-rounds) what was already accumulated: two
+        halves give the same ``H`` as one batch.
         """
         rows = self._rows(x.detach())
         if rows.shape[0] == 0:

@@ -56,9 +56,11 @@ class RealLayer(nn.Module):
                 f"{x.device.type}: load the folder again with device={x.device.type!r} instead of moving the model"
             )
         treatment = self.input_treatment
-        fp = treatment.fp_output(x, self) if treatment.active else None
+        fp = None
         if treatment.active:
-            x = treatment.main_input(x)
+            main = treatment.main_input(x)
+            fp = treatment.fp_output(x, self, main)
+            x = main
         parts = [x] if len(self.splits) == 1 else list(torch.split(x, self.splits, dim=self.channel_dim))
         has_input_q = len(self.input_quantizers) > 0
         out: Tensor | None = None

@@ -50,13 +50,15 @@ class QuantLayer(nn.Module):
         self.weight_hardened = False
         self.quant_enabled = True
 
-    def treat_input(self, smooth: Tensor | None, fp_index: Tensor | None) -> None:
+    def treat_input(
+        self, smooth: Tensor | None, fp_index: Tensor | None, rotation: int = 0, rank: int = 0
+    ) -> None:
         """Smooth the input and/or take outlier channels out of the quantized product (see
         :class:`InputTreatment`); call before the weight is calibrated, on the float weight."""
         if self.weight_hardened:
             raise RuntimeError("input treatment must be set before the weight is quantized")
         with torch.no_grad():
-            self.weight.data = self.input_treatment.install(self.weight, smooth, fp_index)
+            self.weight.data = self.input_treatment.install(self.weight, smooth, fp_index, rotation, rank)
 
     def weight_parts(self, weight: Tensor) -> list[Tensor]:
         return list(torch.split(weight, self.splits, dim=1))
@@ -96,8 +98,9 @@ class QuantLayer(nn.Module):
         treatment = self.input_treatment
         if not treatment.active:
             return self.op(self.quantize_input(x), self.effective_weight())
-        out = self.op(self.quantize_input(treatment.main_input(x)), self.effective_weight())
-        fp = treatment.fp_output(x, self)
+        main = treatment.main_input(x)
+        out = self.op(self.quantize_input(main), self.effective_weight())
+        fp = treatment.fp_output(x, self, main)
         return out if fp is None else out + fp
 
     def add_to_bias(self, delta: Tensor) -> None:

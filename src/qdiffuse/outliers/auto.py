@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.config import SCHEMES, LayerRule, QuantConfig
 from qdiffuse.formats import fake_quant_int, int_bounds, int_qparams
+from qdiffuse.formats.hadamard import hadamard_transform, rotation_block
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.quantizer import WeightQuantizer
@@ -36,6 +37,8 @@ OUTLIER_THRESHOLD = 16.0
 """A channel is an outlier when its max |x| exceeds this many times the median channel's."""
 MAX_FP_FRACTION = 1 / 16
 """At most this share of a layer's input channels goes to the floating-point branch."""
+MIN_ROTATION_BLOCK = 8
+"""Smallest Hadamard block worth rotating a layer's input channels with (the block must divide the channels)."""
 KEEP_MARGIN_DB = 3.0
 CHOICE_MARGIN_DB = 1.0
 PROBE_STEPS = 8
@@ -63,6 +66,7 @@ class Candidate:
     dynamic: bool = False
     split: bool = False
     fp_input: bool = False
+    rotate: bool = False
 
 
 @dataclass
@@ -99,7 +103,7 @@ class TreatmentPlan:
     """The config the rewrite must use, the per-layer input treatments to install, and every decision."""
 
     config: QuantConfig
-    treatments: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
+    treatments: dict[str, tuple[Tensor | None, Tensor | None, int]] = field(default_factory=dict)
     decisions: list[OutlierDecision] = field(default_factory=list)
 
     @property
@@ -131,14 +135,18 @@ def _targets(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Module
     return out
 
 
-def _candidates(dynamic_only: bool, has_outliers: bool) -> list[Candidate]:
+def _candidates(dynamic_only: bool, has_outliers: bool, can_rotate: bool) -> list[Candidate]:
     cands = [Candidate("static", 0)] if not dynamic_only else []
     cands += [] if dynamic_only else [Candidate(f"smooth{a}", 1, alpha=a) for a in ALPHAS]
-    cands += [Candidate("dynamic", 2, dynamic=True)]
-    cands += [Candidate(f"smooth{a}+dynamic", 3, alpha=a, dynamic=True) for a in ALPHAS]
+    if can_rotate and not dynamic_only:
+        cands.append(Candidate("rotate", 2, rotate=True))
+    cands += [Candidate("dynamic", 3, dynamic=True)]
+    cands += [Candidate(f"smooth{a}+dynamic", 4, alpha=a, dynamic=True) for a in ALPHAS]
+    if can_rotate:
+        cands.append(Candidate("rotate+dynamic", 5, rotate=True, dynamic=True))
     if has_outliers:
-        cands += [] if dynamic_only else [Candidate("fp-channels", 4, split=True)]
-        cands += [Candidate("fp-channels+dynamic", 5, split=True, dynamic=True)]
+        cands += [] if dynamic_only else [Candidate("fp-channels", 6, split=True)]
+        cands += [Candidate("fp-channels+dynamic", 7, split=True, dynamic=True)]
     cands.append(Candidate("fp-input", 9, fp_input=True))
     return cands
 
@@ -168,7 +176,8 @@ class _LayerProbe:
         self.dim = stats.channel_dim
         channels = module.weight.shape[1]
         self.fp_index = stats.outlier_channels(OUTLIER_THRESHOLD, max(1, int(channels * MAX_FP_FRACTION)))
-        self.candidates = _candidates(dynamic_only, self.fp_index.numel() > 0)
+        self.rotation = stats.rotation
+        self.candidates = _candidates(dynamic_only, self.fp_index.numel() > 0, self.rotation > 0)
         self.err: dict[str, list[float]] = {c.name: [] for c in self.candidates}
         self.signal: list[float] = []
         self.smooth = {a: _smooth_vector(stats, module.weight, a) for a in ALPHAS}
@@ -185,7 +194,7 @@ class _LayerProbe:
         return F.linear(x, w)
 
     def _weight(self, c: Candidate) -> Tensor:
-        key = f"{c.alpha}|{c.split}"
+        key = f"{c.alpha}|{c.split}|{c.rotate}"
         if key not in self.weights:
             w = self.module.weight.detach().float().clone()
             shape = [1] * w.dim()
@@ -197,6 +206,8 @@ class _LayerProbe:
                 if c.split:
                     s[self.fp_index] = 1.0
                 w = w * s.reshape(shape)
+            if c.rotate:
+                w = hadamard_transform(w.movedim(1, -1), self.rotation).movedim(-1, 1)
             parts = []
             for part in torch.split(w, self.splits, dim=1):
                 q = WeightQuantizer(self.weight_spec, "minmax")
@@ -214,6 +225,8 @@ class _LayerProbe:
         return s
 
     def _static_range(self, c: Candidate, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        if c.rotate:
+            return torch.tensor(self.stats.rot_min), torch.tensor(self.stats.rot_max)
         ch_min, ch_max = self.stats.ch_min[lo:hi].clone(), self.stats.ch_max[lo:hi].clone()
         s = self._smooth_of(c)
         if s is not None:
@@ -237,6 +250,8 @@ class _LayerProbe:
             x = x / s.reshape(shape)
         if c.split:
             x = x.index_fill(self.dim, self.fp_index, 0.0)
+        if c.rotate:
+            x = hadamard_transform(x.movedim(self.dim, -1), self.rotation).movedim(-1, self.dim)
         out, lo = [], 0
         for part in torch.split(x, self.splits, dim=self.dim):
             hi = lo + part.shape[self.dim]
@@ -323,7 +338,9 @@ def plan_treatments(
     handles = [model.register_forward_pre_hook(clock, with_kwargs=True)]
     stats: dict[str, RangeStats] = {}
     for name, (module, _, _) in targets.items():
-        st = stats[name] = RangeStats(1 if isinstance(module, nn.Conv2d) else -1)
+        block = rotation_block(module.weight.shape[1])
+        block = block if block >= MIN_ROTATION_BLOCK and name not in splits_at else 0
+        st = stats[name] = RangeStats(1 if isinstance(module, nn.Conv2d) else -1, rotation=block)
         handles.append(module.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0], clock.t)))
     try:
         n_batches = (len(calib) + batch_size - 1) // batch_size
@@ -377,8 +394,9 @@ def _plan(
             dynamic_layers.append(name)
         smooth = probe._smooth_of(choice)
         fp_index = probe.fp_index if choice.split else None
-        if smooth is not None or fp_index is not None:
-            plan.treatments[name] = (smooth, fp_index)
+        rotation = probe.rotation if choice.rotate else 0
+        if smooth is not None or fp_index is not None or rotation:
+            plan.treatments[name] = (smooth, fp_index, rotation)
         if fp_index is not None:
             decision.fp_channels = int(fp_index.numel())
             decision.fp_macs_fraction = fp_index.numel() / probe.module.weight.shape[1]
@@ -392,15 +410,31 @@ def _plan(
     return plan
 
 
-def install_treatments(model: nn.Module, plan: TreatmentPlan) -> None:
-    """Put the planned smoothing vectors and outlier channels on the rewritten model's quantized layers."""
+def install_treatments(model: nn.Module, plan: TreatmentPlan | None, rank: int = 0) -> None:
+    """Put the planned smoothing vectors, outlier channels and rotations on the rewritten model's quantized layers,
+    and a rank-``rank`` float branch (SVDQuant) on every layer with integer weights wide enough for one."""
     from qdiffuse.nn.layers import QuantLayer
+    from qdiffuse.nn.rewrite import quant_layers
 
-    for name, (smooth, fp_index) in plan.treatments.items():
-        layer = model.get_submodule(name)
-        if not isinstance(layer, QuantLayer):
-            raise RuntimeError(f"{name} is not a quantized layer after the rewrite")
-        layer.treat_input(smooth, fp_index)
+    treatments = plan.treatments if plan is not None else {}
+    for name, layer in quant_layers(model):
+        smooth, fp_index, rotation = treatments.get(name, (None, None, 0))
+        layer_rank = rank if rank and _lowrank_fits(layer, rank) else 0
+        if smooth is not None or fp_index is not None or rotation or layer_rank:
+            if not isinstance(layer, QuantLayer):
+                raise RuntimeError(f"{name} is not a quantized layer after the rewrite")
+            layer.treat_input(smooth, fp_index, rotation, layer_rank)
+
+
+def _lowrank_fits(layer: nn.Module, rank: int) -> bool:
+    """A low-rank branch pays where its rank is small against both sides of the weight (<= 1/8 of each)."""
+    w = layer.weight
+    return (
+        layer.weight_spec.kind == "int"
+        and getattr(layer, "groups", 1) == 1
+        and len(layer.splits) == 1
+        and 8 * rank <= min(w.shape[0], w[0].numel())
+    )
 
 
 __all__ = ["plan_treatments", "install_treatments", "TreatmentPlan", "OutlierDecision", "healthy_db", "floor_db"]

@@ -24,9 +24,19 @@ class RangeStats:
     ch_min: Tensor | None = None
     ch_max: Tensor | None = None
     per_t: dict[int, float] = field(default_factory=dict)
+    rotation: int = 0
+    """Hadamard block over the channels whose rotated range is also kept (0: none)."""
+    rot_min: float = float("inf")
+    rot_max: float = float("-inf")
 
     def update(self, x: Tensor, t: Tensor | None) -> None:
         x = x.detach().float()
+        if self.rotation:
+            from qdiffuse.formats.hadamard import hadamard_transform
+
+            rotated = hadamard_transform(x.movedim(self.channel_dim, -1), self.rotation)
+            self.rot_min = min(self.rot_min, float(rotated.amin()))
+            self.rot_max = max(self.rot_max, float(rotated.amax()))
         moved = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim])
         lo, hi = moved.amin(0), moved.amax(0)
         self.ch_min = lo if self.ch_min is None else torch.minimum(self.ch_min, lo)

@@ -11,6 +11,11 @@ Both are exact rewrites of the layer in floating point, chosen per layer from ca
   shared with the others can hold are taken out of the quantized product (their input and weight columns are
   zero there) and computed in float32 by a narrow matmul/conv of their own, added to the output. It costs
   ``k / C`` of the layer's MACs in float.
+- **Rotation** (QuaRot): ``W x = (W H)(H x)`` for an orthonormal (block-)Hadamard ``H`` over the input channels
+  spreads one channel's outlier over all channels of its block; a fast Walsh–Hadamard transform per call.
+- **Low-rank branch** (SVDQuant): the (smoothed, rotated) weight is split as ``L1 L2 + R``; the top-``r``
+  singular directions run in float on the unquantized input, only the residual ``R``, whose range the outliers
+  no longer set, is quantized.
 
 Unset buffers mean "nothing to do", so layers and folders without a treatment behave and load as before.
 """
@@ -20,6 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from qdiffuse.formats.hadamard import hadamard_transform
+from qdiffuse.formats.lowrank import lowrank_split
 
 
 class InputTreatment(nn.Module):
@@ -31,10 +39,17 @@ class InputTreatment(nn.Module):
         self.register_buffer("smooth", None)
         self.register_buffer("fp_index", None)
         self.register_buffer("fp_weight", None)
+        self.register_buffer("rotation", None)
+        self.register_buffer("lowrank_down", None)
+        self.register_buffer("lowrank_up", None)
 
     @property
     def active(self) -> bool:
-        return self.smooth is not None or self.fp_index is not None
+        return any(b is not None for b in (self.smooth, self.fp_index, self.rotation, self.lowrank_up))
+
+    def _rotate(self, x: Tensor, dim: int) -> Tensor:
+        block = int(self.rotation)
+        return hadamard_transform(x.movedim(dim, -1), block).movedim(-1, dim)
 
     def _per_channel(self, values: Tensor, x: Tensor) -> Tensor:
         shape = [1] * x.dim()
@@ -47,25 +62,38 @@ class InputTreatment(nn.Module):
             x = x / self._per_channel(self.smooth, x)
         if self.fp_index is not None:
             x = x.index_fill(self.channel_dim, self.fp_index, 0.0)
+        if self.rotation is not None:
+            x = self._rotate(x, self.channel_dim)
         return x
 
-    def fp_output(self, x: Tensor, layer: nn.Module) -> Tensor | None:
-        """The outlier channels' share of the output, in float (None without outlier channels)."""
-        if self.fp_index is None:
-            return None
-        part = x.index_select(self.channel_dim, self.fp_index)
-        weight = self.fp_weight.to(part.dtype)
-        if hasattr(layer, "kernel_size"):
-            if getattr(layer, "padding_mode", "zeros") != "zeros":
-                part = F.pad(part, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-                return F.conv2d(part, weight, None, layer.stride, 0, layer.dilation)
-            return F.conv2d(part, weight, None, layer.stride, layer.padding, layer.dilation)
-        return F.linear(part, weight)
+    def fp_output(self, x: Tensor, layer: nn.Module, main: Tensor | None = None) -> Tensor | None:
+        """What the layer computes in float besides its quantized product: the outlier channels' share (from the
+        raw input ``x``) and the low-rank branch (from ``main``, the treated input before quantization)."""
+        out = None
+        if self.fp_index is not None:
+            out = _op(layer, x.index_select(self.channel_dim, self.fp_index), self.fp_weight.to(x.dtype))
+        if self.lowrank_up is not None:
+            main = self.main_input(x) if main is None else main
+            down = _op(layer, main, self.lowrank_down.to(main.dtype))
+            if hasattr(layer, "kernel_size"):
+                branch = F.conv2d(down, self.lowrank_up.to(down.dtype)[:, :, None, None])
+            else:
+                branch = F.linear(down, self.lowrank_up.to(down.dtype))
+            out = branch if out is None else out + branch
+        return out
 
     @torch.no_grad()
-    def install(self, weight: Tensor, smooth: Tensor | None, fp_index: Tensor | None) -> Tensor:
+    def install(
+        self,
+        weight: Tensor,
+        smooth: Tensor | None,
+        fp_index: Tensor | None,
+        rotation: int = 0,
+        rank: int = 0,
+    ) -> Tensor:
         """Set the treatment on a layer whose float weight is ``weight``; returns the weight the quantizer must
-        quantize from now on (columns multiplied by ``smooth``, outlier columns zeroed)."""
+        quantize from now on (columns multiplied by ``smooth``, outlier columns zeroed, rotated, less its
+        low-rank part)."""
         new = weight.detach().clone()
         if fp_index is not None and fp_index.numel():
             self.fp_index = fp_index.to(torch.long)
@@ -79,11 +107,22 @@ class InputTreatment(nn.Module):
             shape = [1] * new.dim()
             shape[1] = -1
             new.mul_(s.reshape(shape).to(new.dtype))
+        if rotation:
+            self.rotation = torch.tensor(rotation, dtype=torch.long)
+            new = self._rotate(new, 1)
+        if rank:
+            l1, l2, residual = lowrank_split(new, rank)
+            self.lowrank_up = l1.float().contiguous()
+            self.lowrank_down = l2.reshape(l2.shape[0], *new.shape[1:]).float().contiguous()
+            new = residual
         return new
 
     def fp_macs_per_position(self, out_channels: int, kernel_elements: int) -> int:
-        """Float MACs per output position of the outlier branch."""
-        return 0 if self.fp_index is None else out_channels * int(self.fp_index.numel()) * kernel_elements
+        """Float MACs per output position of the outlier channels and the low-rank branch."""
+        macs = 0 if self.fp_index is None else out_channels * int(self.fp_index.numel()) * kernel_elements
+        if self.lowrank_up is not None:
+            macs += self.lowrank_down[0].numel() * self.lowrank_up.shape[1] + out_channels * self.lowrank_up.shape[1]
+        return macs
 
     def describe(self) -> str:
         parts = []
@@ -91,7 +130,21 @@ class InputTreatment(nn.Module):
             parts.append(f"smoothed (max s {float(self.smooth.max()):.3g})")
         if self.fp_index is not None:
             parts.append(f"{int(self.fp_index.numel())} outlier channels in FP")
+        if self.rotation is not None:
+            parts.append(f"Hadamard-rotated (block {int(self.rotation)})")
+        if self.lowrank_up is not None:
+            parts.append(f"rank-{self.lowrank_up.shape[1]} FP branch")
         return ", ".join(parts) or "none"
+
+
+def _op(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """The layer's own linear op (its stride, padding, dilation for a conv) on ``x`` with ``weight``, no bias."""
+    if hasattr(layer, "kernel_size"):
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            return F.conv2d(x, weight, None, layer.stride, 0, layer.dilation)
+        return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, weight)
 
 
 __all__ = ["InputTreatment"]

@@ -144,6 +144,9 @@ def quantize(
         typer.Option(help="Largest output PSNR loss (dB) the activations may cost against the weight-only model; "
                      "over it the costliest inputs go to FP (default 3 for 8-bit activations, 0 = off)."),
     ] = None,
+    lowrank_rank: Annotated[
+        int, typer.Option(help="SVDQuant: a float branch of this rank on every wide integer-weight layer (0: none).")
+    ] = 0,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
     no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
@@ -189,6 +192,7 @@ def quantize(
         split_shortcuts=not no_split,
         dynamic_activations=dynamic,
         outliers=outliers,
+        lowrank_rank=lowrank_rank,
         **({} if guard_db is None else {"guard_db": guard_db}),
         calib_steps=calib_steps,
         calib_per_step=calib_per_step,

@@ -228,6 +228,10 @@ def test_outlier_mode_and_guard_are_validated() -> None:
         QuantConfig.from_scheme("w8a8", guard_db=float("nan"))
     assert QuantConfig.from_scheme("w8a8").guard_db == 3.0
     assert QuantConfig.from_scheme("w4a4").guard_db == 0.0
+    assert QuantConfig.from_scheme("w4a4-g32").method == "gptq"  # the recommended W4A4 recipe
+    assert QuantConfig.from_scheme("w8a8").method == "minmax" and QuantConfig.from_scheme("w8a8", "mse").method == "mse"
+    with pytest.raises(ConfigError, match="rank"):
+        QuantConfig.from_scheme("w4a4-g32", lowrank_rank=-1)
     config = QuantConfig.from_scheme("w8a8", dynamic_layers=("a.b",))
     assert QuantConfig.from_dict(config.to_dict()) == config and config.is_dynamic("a.b")
 

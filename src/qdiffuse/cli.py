@@ -112,13 +112,14 @@ def quantize(
         str, typer.Option(help="w8a8, w4a8, w4a4, w4a4-g32, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
     ] = "w8a8",
     method: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="minmax, mse, mse+bias (mse + bias correction), ptqd (mse + noise correction), qdiffusion "
             "(mse + reconstruction), qdiffusion+ptqd (both), gptq (mse + GPTQ weight rounding, a fast "
-            "alternative to reconstruction) or gptq+ptqd (gptq + noise correction)."
+            "alternative to reconstruction) or gptq+ptqd (gptq + noise correction). Default: the scheme's "
+            "recommended method (gptq for w4a4-g32, minmax otherwise)."
         ),
-    ] = "minmax",
+    ] = None,
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
     calib_sampler: Annotated[str, typer.Option(help="Sampler that generates calibration data.")] = "ddim",

@@ -45,7 +45,13 @@ def count_macs(denoiser: Denoiser) -> dict[str, dict[str, Any]]:
                 per_out = (mod.in_channels // mod.groups) * kh * kw
             else:
                 per_out = mod.in_features
-            records[name] = {"kind": "layer", "macs": output.numel() * per_out, "module": mod}
+            out_channels = output.shape[1] if output.ndim == 4 else output.shape[-1]
+            records[name] = {
+                "kind": "layer",
+                "macs": output.numel() * per_out,
+                "positions": output.numel() // out_channels,
+                "module": mod,
+            }
 
         return hook
 
@@ -76,6 +82,16 @@ def count_macs(denoiser: Denoiser) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _treatment_fp_macs(layer: nn.Module, positions: int) -> int:
+    """Float MACs a layer's input treatment adds (outlier channels and the low-rank branch), for one call."""
+    treatment = getattr(layer, "input_treatment", None)
+    if treatment is None or not treatment.active:
+        return 0
+    out = layer.out_channels if hasattr(layer, "kernel_size") else layer.out_features
+    kernel = layer.kernel_size[0] * layer.kernel_size[1] if hasattr(layer, "kernel_size") else 1
+    return positions * treatment.fp_macs_per_position(out, kernel)
+
+
 def _bops_now(records: dict[str, dict[str, Any]]) -> int:
     total = 0
     for rec in records.values():
@@ -84,6 +100,7 @@ def _bops_now(records: dict[str, dict[str, Any]]) -> int:
             if isinstance(mod, QUANTIZED):
                 act = _act_bits(mod.input_quantizers[0]) if len(mod.input_quantizers) else FP_BITS
                 total += macs * mod.weight_spec.value_bits * act
+                total += _treatment_fp_macs(mod, rec["positions"]) * FP_BITS * FP_BITS
             else:
                 total += macs * FP_BITS * FP_BITS
         else:

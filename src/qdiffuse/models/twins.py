@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qdiffuse.errors import ModelLoadError
+from qdiffuse.models.clock import TimestepClock
 
 PATHOLOGIES = ("outliers", "drift")
 TWIN_META_KEY = "twin"
@@ -137,21 +138,6 @@ TWINS: dict[str, TwinSpec] = {
 """The shipped twins, loadable by name wherever a model name is accepted."""
 
 
-class _Timestep:
-    """Holds the timestep of the call in progress, captured by a pre-hook on the root module."""
-
-    def __init__(self) -> None:
-        self.t: Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if t is None:
-            raise ModelLoadError("a twin model needs the timestep in its call (model(x, t, ...))")
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        t = torch.as_tensor(t, device=sample.device, dtype=torch.float32).reshape(-1)
-        self.t = t.expand(sample.shape[0]) if t.numel() == 1 else t
-
-
 def _channel_dim(layer: nn.Module) -> int:
     return 1 if hasattr(layer, "kernel_size") else -1
 
@@ -176,7 +162,7 @@ class _ChannelScale:
 class _Drift:
     """Multiplies the input by g(t) per sample and divides the output's linear part by it."""
 
-    def __init__(self, clock: _Timestep, factor: float, steps: int, dim: int) -> None:
+    def __init__(self, clock: TimestepClock, factor: float, steps: int, dim: int) -> None:
         self.clock = clock
         self.factor = factor
         self.steps = steps
@@ -223,7 +209,7 @@ def apply_twin(model: nn.Module, spec: TwinSpec, fold_weights: bool = True) -> n
     """
     if getattr(model, "_qdiffuse_twin", None) is not None:
         raise ModelLoadError(f"this model already carries twin {model._qdiffuse_twin.name}")
-    clock = _Timestep()
+    clock = TimestepClock(strict=True)
     model.register_forward_pre_hook(clock, with_kwargs=True)
     for name in spec.layers():
         try:

@@ -25,9 +25,10 @@ from qdiffuse.config import SCHEMES, LayerRule, QuantConfig
 from qdiffuse.formats import fake_quant_int, int_bounds, int_qparams
 from qdiffuse.formats.hadamard import hadamard_transform, rotation_block
 from qdiffuse.formats.spec import FormatSpec
+from qdiffuse.models.clock import TimestepClock
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.quantizer import WeightQuantizer
-from qdiffuse.outliers.stats import RangeStats, TimestepClock
+from qdiffuse.outliers.stats import RangeStats
 from qdiffuse.progress import progress_bar
 
 ALPHAS = (0.25, 0.5, 0.75)
@@ -91,11 +92,6 @@ class OutlierDecision:
             "fp_channels": self.fp_channels,
             "fp_macs_fraction": round(self.fp_macs_fraction, 4),
         }
-
-    def line(self) -> str:
-        base = self.sqnr_db.get("static", float("nan"))
-        chosen = self.sqnr_db.get(self.choice, float("nan"))
-        return f"{self.layer}: {self.choice} ({base:.1f} -> {chosen:.1f} dB; {self.reason})"
 
 
 @dataclass
@@ -216,7 +212,7 @@ class _LayerProbe:
             self.weights[key] = torch.cat(parts, dim=1)
         return self.weights[key]
 
-    def _smooth_of(self, c: Candidate) -> Tensor | None:
+    def smooth_of(self, c: Candidate) -> Tensor | None:
         if c.alpha is None:
             return None
         s = self.smooth[c.alpha].clone()
@@ -228,7 +224,7 @@ class _LayerProbe:
         if c.rotate:
             return torch.tensor(self.stats.rot_min), torch.tensor(self.stats.rot_max)
         ch_min, ch_max = self.stats.ch_min[lo:hi].clone(), self.stats.ch_max[lo:hi].clone()
-        s = self._smooth_of(c)
+        s = self.smooth_of(c)
         if s is not None:
             ch_min, ch_max = ch_min / s[lo:hi], ch_max / s[lo:hi]
         if c.split:
@@ -243,7 +239,7 @@ class _LayerProbe:
     def _quantize_input(self, x: Tensor, c: Candidate) -> Tensor:
         spec = self.act_spec
         qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
-        s = self._smooth_of(c)
+        s = self.smooth_of(c)
         if s is not None:
             shape = [1] * x.dim()
             shape[self.dim] = -1
@@ -392,7 +388,7 @@ def _plan(
                 fp_inputs.append(name)
         if choice.dynamic and not config.dynamic_activations:
             dynamic_layers.append(name)
-        smooth = probe._smooth_of(choice)
+        smooth = probe.smooth_of(choice)
         fp_index = probe.fp_index if choice.split else None
         rotation = probe.rotation if choice.rotate else 0
         if smooth is not None or fp_index is not None or rotation:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.models.denoiser import Denoiser
-from qdiffuse.outliers.sensitivity import _outputs, _psnr, input_sensitivity
+from qdiffuse.outliers.sensitivity import input_sensitivity, model_outputs, psnr_db
 
 GUARD_ROWS = 32
 
@@ -45,14 +45,6 @@ class GuardReport:
             "fp_input_layers": self.fp_input_layers,
         }
 
-    def line(self) -> str:
-        moved = f"; {len(self.fp_input_layers)} layer inputs moved to FP" if self.fp_input_layers else ""
-        verdict = "within" if self.within_budget else "OVER"
-        return (
-            f"guard: PSNR to FP {self.before_db:.1f} -> {self.after_db:.1f} dB against weight-only "
-            f"{self.weight_only_db:.1f} dB ({verdict} the {self.budget_db:g} dB budget{moved})"
-        )
-
 
 def guard_rows(calib: CalibrationSet, rows: int = GUARD_ROWS) -> CalibrationSet:
     """An evenly spread subset of the calibration set: every timestep it holds, ``rows`` rows in all."""
@@ -68,7 +60,7 @@ def guard_rows(calib: CalibrationSet, rows: int = GUARD_ROWS) -> CalibrationSet:
 
 def fp_reference(denoiser: Denoiser, probe: CalibrationSet, batch_size: int = 64) -> Tensor:
     """The FP model's outputs on the guard's rows (taken before the model is rewritten)."""
-    return _outputs(denoiser, probe, batch_size)
+    return model_outputs(denoiser, probe, batch_size)
 
 
 def _set_enabled(model: nn.Module, enabled: bool) -> None:
@@ -96,9 +88,9 @@ def run_guard(
 
     model = denoiser.model
     _set_enabled(model, False)
-    weight_only = _psnr(_outputs(denoiser, probe, batch_size), reference)
+    weight_only = psnr_db(model_outputs(denoiser, probe, batch_size), reference)
     _set_enabled(model, True)
-    before = _psnr(_outputs(denoiser, probe, batch_size), reference)
+    before = psnr_db(model_outputs(denoiser, probe, batch_size), reference)
     report = GuardReport(budget_db, weight_only, before, before)
     if weight_only - before <= budget_db:
         return report
@@ -111,7 +103,7 @@ def run_guard(
         # measured again after every move rather than predicted from the single-layer costs
         give_fp_input(layers[r.unit])
         report.fp_input_layers.append({"layer": r.unit, "alone_db": round(r.psnr_db, 2)})
-        after = _psnr(_outputs(denoiser, probe, batch_size), reference)
+        after = psnr_db(model_outputs(denoiser, probe, batch_size), reference)
         if weight_only - after <= budget_db:
             break
     report.after_db = after

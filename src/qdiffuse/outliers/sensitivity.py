@@ -70,11 +70,11 @@ def block_of(name: str) -> str:
 
 
 @torch.no_grad()
-def _outputs(denoiser: Denoiser, data: CalibrationSet, batch_size: int) -> Tensor:
+def model_outputs(denoiser: Denoiser, data: CalibrationSet, batch_size: int) -> Tensor:
     return torch.cat([denoiser.forward_raw(x, t, lab, c).float().cpu() for x, t, lab, c in data.batches(batch_size)])
 
 
-def _psnr(out: Tensor, ref: Tensor, t: Tensor | None = None, lo: int = 0, hi: int = 10**9) -> float:
+def psnr_db(out: Tensor, ref: Tensor, t: Tensor | None = None, lo: int = 0, hi: int = 10**9) -> float:
     if t is not None:
         rows = (t >= lo) & (t <= hi)
         if not rows.any():
@@ -104,17 +104,17 @@ def input_sensitivity(
     t = data.t.float()
     try:
         enable([])
-        ref = _outputs(denoiser, data, batch_size)
+        ref = model_outputs(denoiser, data, batch_size)
         enable(modules)
-        headline = {"all_inputs_db": _psnr(_outputs(denoiser, data, batch_size), ref)}
+        headline = {"all_inputs_db": psnr_db(model_outputs(denoiser, data, batch_size), ref)}
         rows = []
         with progress_bar(f"sensitivity per {per}", len(units)) as bar:
             for unit, members in units.items():
                 enable(members)
-                out = _outputs(denoiser, data, batch_size)
-                by_t = {label: _psnr(out, ref, t, lo, hi) for lo, hi, label in T_RANGES}
+                out = model_outputs(denoiser, data, batch_size)
+                by_t = {label: psnr_db(out, ref, t, lo, hi) for lo, hi, label in T_RANGES}
                 rows.append(
-                    SensitivityRow(unit, len(members), _psnr(out, ref), by_t, float((out - ref).pow(2).mean()))
+                    SensitivityRow(unit, len(members), psnr_db(out, ref), by_t, float((out - ref).pow(2).mean()))
                 )
                 bar.advance()
     finally:
@@ -133,4 +133,4 @@ def format_rows(rows: list[SensitivityRow], limit: int | None = None) -> list[st
     return lines
 
 
-__all__ = ["input_sensitivity", "SensitivityRow", "format_rows", "block_of"]
+__all__ = ["input_sensitivity", "SensitivityRow", "format_rows", "block_of", "model_outputs", "psnr_db"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass
@@ -82,20 +82,4 @@ class RangeStats:
         }
 
 
-class TimestepClock:
-    """Remembers the timestep of the model call in progress (a pre-hook on the root module)."""
-
-    def __init__(self) -> None:
-        self.t: Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        sample = args[0] if args else next(iter(kwargs.values()))
-        if t is None:
-            self.t = None
-            return
-        t = torch.as_tensor(t).reshape(-1).float().cpu()
-        self.t = t.expand(sample.shape[0]) if t.numel() == 1 else t
-
-
-__all__ = ["RangeStats", "TimestepClock"]
+__all__ = ["RangeStats"]

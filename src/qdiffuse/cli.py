@@ -241,9 +241,19 @@ def quantize(
     from qdiffuse.outliers.commands import decision_lines
 
     state = quant_state(loaded.denoiser.model)
+    calibration = state.calibration if state else {}
     if not quiet:  # -q: the decisions stay in the folder, for `qdiffuse info`
-        for line in decision_lines(state.calibration if state else {}):
+        for line in decision_lines(calibration):
             typer.echo(line)
+    guard = calibration.get("guard")
+    if guard and not guard["within_budget"]:
+        loss = guard["weight_only_db"] - guard["after_db"]
+        typer.echo(
+            f"warning: the activations still cost {loss:.1f} dB of output PSNR against the weight-only model "
+            f"(budget {guard['budget_db']:g} dB); `qdiffuse sensitivity {model} --scheme {config.scheme}` shows "
+            "where",
+            err=True,
+        )
     typer.echo(f"wrote {out} ({config.scheme}, {config.method})")
 
 

@@ -1,13 +1,13 @@
-"""Per-layer choice of what an integer activation grid needs: nothing, smoothing, dynamic ranges, outlier channels
-in floating point, or (the last resort) a floating-point input.
+"""Per-layer choice of what an integer activation grid needs: nothing, smoothing, a Hadamard rotation, dynamic
+ranges, outlier channels in floating point, or (the last resort) a floating-point input.
 
 Each candidate is scored on the layer itself: the FP model runs a few calibration calls (one timestep per call, so a
 dynamic range is what it would be at sampling time), and every quantized layer input computes the layer's output
 under each candidate — input on the candidate's grid, weight on the layer's weight grid — against the FP output.
-The score is the output SQNR (dB). A layer keeps the plain static grid where that is within a few dB of the best
-candidate and above the level a healthy input reaches at its bit-width; otherwise the cheapest candidate within
-1 dB of the best wins. Every decision is kept with its scores and the range structure that caused it, for
-``quantize`` and ``info`` to report.
+The score is the output SQNR (dB) at the worst probe timestep. A layer keeps the plain static grid where that is
+within a few dB of the best candidate and above the level a healthy input reaches at its bit-width; otherwise the
+cheapest candidate within 1 dB of the best wins. Every decision is kept with its scores and the range structure
+that caused it, for ``quantize`` and ``info`` to report.
 """
 
 from __future__ import annotations

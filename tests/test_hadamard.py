@@ -97,3 +97,9 @@ def test_bad_block_raises(block: int) -> None:
 def test_rotate_weight_needs_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         rotate_weight(torch.randn(8, 4, 3, 3), 4)
+
+
+def test_transform_along_another_dimension_is_the_last_dimension_moved() -> None:
+    x = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(1))
+    along_channels = hadamard_transform(x, 8, dim=1)
+    assert torch.equal(along_channels, hadamard_transform(x.movedim(1, -1), 8).movedim(-1, 1))

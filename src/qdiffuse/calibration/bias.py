@@ -18,7 +18,6 @@ from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.layers import QuantLayer
 from qdiffuse.nn.rewrite import quant_layers
-from qdiffuse.progress import progress_bar
 
 
 def fp_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -60,11 +59,7 @@ def correct_bias(
 
     handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in layers.items()]
     try:
-        n_batches = (len(calib) + batch_size - 1) // batch_size
-        with progress_bar("bias correction", n_batches) as bar:
-            for x, t, labels, cond in calib.batches(batch_size, denoiser.device):
-                denoiser.forward_raw(x, t, labels, cond)
-                bar.advance()
+        calib.run_through(denoiser, batch_size, "bias correction")
     finally:
         for handle in handles:
             handle.remove()

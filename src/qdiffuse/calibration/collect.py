@@ -17,6 +17,7 @@ from torch import Tensor
 from qdiffuse.errors import DataError
 from qdiffuse.formats import check_finite
 from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.progress import progress_bar
 from qdiffuse.sampling.loop import SampleRequest, sample
 
 
@@ -48,6 +49,25 @@ class CalibrationSet:
                 None if self.labels is None else self.labels[lo:hi].to(device),
                 None if self.cond is None else self.cond[lo:hi].to(device),
             )
+
+    def subset(self, rows: Tensor) -> CalibrationSet:
+        """The calls at row indices ``rows``, every tensor indexed alike."""
+        return CalibrationSet(
+            self.x[rows],
+            self.t[rows],
+            None if self.labels is None else self.labels[rows],
+            None if self.cond is None else self.cond[rows],
+        )
+
+    @torch.no_grad()
+    def run_through(self, denoiser: Denoiser, batch_size: int, description: str) -> None:
+        """Call ``denoiser`` on every recorded input, in batches, with a progress bar: the pass that hooks and
+        observers on the model measure from."""
+        n_batches = (len(self) + batch_size - 1) // batch_size
+        with progress_bar(description, n_batches) as bar:
+            for x, t, labels, cond in self.batches(batch_size, denoiser.device):
+                denoiser.forward_raw(x, t, labels, cond)
+                bar.advance()
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file

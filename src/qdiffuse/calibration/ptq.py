@@ -137,11 +137,7 @@ def calibrate_weights_gptq(denoiser: Denoiser, calib: CalibrationSet, batch_size
         handles = [layer.register_forward_pre_hook(_hessian_hook(hessians[n])) for n, layer in layers if n in hessians]
         set_quantization_enabled(model, False)
         try:
-            n_batches = (len(calib) + batch_size - 1) // batch_size
-            with progress_bar("hessians", n_batches) as bar:
-                for x, t, labels, cond in calib.batches(batch_size, denoiser.device):
-                    denoiser.forward_raw(x, t, labels, cond)
-                    bar.advance()
+            calib.run_through(denoiser, batch_size, "hessians")
         finally:
             for handle in handles:
                 handle.remove()
@@ -169,11 +165,7 @@ def calibrate_activations(denoiser: Denoiser, calib: CalibrationSet, batch_size:
     quantizers = [q for _, q in activation_quantizers(denoiser.model) if q.needs_calibration]
     for q in quantizers:
         q.start_calibration()
-    n_batches = (len(calib) + batch_size - 1) // batch_size
-    with progress_bar("activation ranges", n_batches) as bar:
-        for x, t, labels, cond in calib.batches(batch_size, denoiser.device):
-            denoiser.forward_raw(x, t, labels, cond)
-            bar.advance()
+    calib.run_through(denoiser, batch_size, "activation ranges")
     with progress_bar("range search", len(quantizers)) as bar:
         for q in quantizers:
             q.finish_calibration()

@@ -61,6 +61,7 @@ __all__ = [
     "e2m1_encode",
     "fake_quant_fp8",
     "fake_quant_int",
+    "broadcast_along",
     "fake_quant_mxfp4",
     "fake_quant_nvfp4",
     "fake_quantize",
@@ -82,6 +83,14 @@ __all__ = [
     "unpack_bits",
     "unsigned_to_codes",
 ]
+
+
+def broadcast_along(values: Tensor, like: Tensor, dim: int) -> Tensor:
+    """One value per index of ``like``'s dimension ``dim`` (a per-channel scale, a per-sample gain), shaped, typed
+    and placed to multiply ``like``."""
+    shape = [1] * like.dim()
+    shape[dim] = values.numel()
+    return values.to(dtype=like.dtype, device=like.device).reshape(shape)
 
 
 def group_view(x: Tensor, group_size: int) -> Tensor:

@@ -65,8 +65,10 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.de
     return h.to(dtype=dtype, device=device)
 
 
-def hadamard_transform(x: Tensor, block: int) -> Tensor:
-    """``x @ H`` along the last dimension, with ``H`` block-diagonal of orthonormal Sylvester blocks of size ``block``.
+def hadamard_transform(x: Tensor, block: int, dim: int = -1) -> Tensor:
+    """``x @ H`` along dimension ``dim`` (the last by default; 1 for the channels of an ``[N, C, H, W]`` input or
+    the input channels of a conv weight), with ``H`` block-diagonal of orthonormal Sylvester blocks of size
+    ``block``.
 
     Uses the fast Walsh–Hadamard butterfly: the last dimension is viewed as ``[n / block, block]`` and
     ``log2(block)`` stages of sums and differences are applied, ``O(n log block)`` work and no ``[n, n]`` matrix.
@@ -74,6 +76,8 @@ def hadamard_transform(x: Tensor, block: int) -> Tensor:
     block dividing ``n`` is also an orthonormal rotation (``kron(I, hadamard_matrix(block))``), if a kernel's tile
     size calls for it. Computes in float32 at least and returns ``x``'s dtype; autograd flows through.
     """
+    if dim not in (-1, x.dim() - 1):
+        return hadamard_transform(x.movedim(dim, -1), block).movedim(-1, dim)
     n = x.shape[-1]
     _check_block(n, block)
     work = torch.promote_types(x.dtype, torch.float32)

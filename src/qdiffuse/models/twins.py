@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qdiffuse.errors import ModelLoadError
+from qdiffuse.formats import broadcast_along
 from qdiffuse.models.clock import TimestepClock
 
 PATHOLOGIES = ("outliers", "drift")
@@ -142,13 +143,6 @@ def _channel_dim(layer: nn.Module) -> int:
     return 1 if hasattr(layer, "kernel_size") else -1
 
 
-def _broadcast(values: Tensor, x: Tensor, dim: int) -> Tensor:
-    """Per-sample (``dim`` = 0) or per-channel values shaped to multiply ``x``."""
-    shape = [1] * x.dim()
-    shape[dim] = values.numel()
-    return values.to(x.dtype).reshape(shape)
-
-
 class _ChannelScale:
     def __init__(self, scale: Tensor, dim: int) -> None:
         self.scale = scale
@@ -156,7 +150,7 @@ class _ChannelScale:
 
     def __call__(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         x = args[0]
-        return (x * _broadcast(self.scale.to(x.device), x, self.dim), *args[1:])
+        return (x * broadcast_along(self.scale, x, self.dim), *args[1:])
 
 
 class _Drift:
@@ -178,14 +172,14 @@ class _Drift:
         g = self.gain().to(x.device)
         if x.shape[0] != g.shape[0]:
             raise ModelLoadError(f"twin layer input batch {x.shape[0]} != the model call's batch {g.shape[0]}")
-        return (x * _broadcast(g, x, 0), *args[1:])
+        return (x * broadcast_along(g, x, 0), *args[1:])
 
     def after(self, module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        g = _broadcast(self.gain().to(out.device), out, 0)
+        g = broadcast_along(self.gain(), out, 0)
         bias = getattr(module, "bias", None)
         if bias is None:
             return out / g
-        b = _broadcast(bias.detach(), out, self.dim)
+        b = broadcast_along(bias.detach(), out, self.dim)
         return (out - b) / g + b
 
 
@@ -221,9 +215,7 @@ def apply_twin(model: nn.Module, spec: TwinSpec, fold_weights: bool = True) -> n
             scale = channel_scales(spec, layer, name)
             if fold_weights:
                 with torch.no_grad():
-                    shape = [1] * layer.weight.dim()
-                    shape[1] = -1
-                    layer.weight.div_(scale.reshape(shape).to(layer.weight.device))
+                    layer.weight.div_(broadcast_along(scale, layer.weight, 1))
             layer.register_forward_pre_hook(_ChannelScale(scale, dim))
         for p in spec.pathologies:
             if p.layer == name and p.kind == "drift":

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.config import SCHEMES, LayerRule, QuantConfig
-from qdiffuse.formats import fake_quant_int, int_bounds, int_qparams
+from qdiffuse.formats import broadcast_along, fake_quant_int, int_bounds, int_qparams
 from qdiffuse.formats.hadamard import hadamard_transform, rotation_block
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.models.clock import TimestepClock
@@ -193,17 +193,15 @@ class _LayerProbe:
         key = f"{c.alpha}|{c.split}|{c.rotate}"
         if key not in self.weights:
             w = self.module.weight.detach().float().clone()
-            shape = [1] * w.dim()
-            shape[1] = -1
             if c.split:
                 w.index_fill_(1, self.fp_index, 0.0)
             if c.alpha is not None:
                 s = self.smooth[c.alpha].clone()
                 if c.split:
                     s[self.fp_index] = 1.0
-                w = w * s.reshape(shape)
+                w = w * broadcast_along(s, w, 1)
             if c.rotate:
-                w = hadamard_transform(w.movedim(1, -1), self.rotation).movedim(-1, 1)
+                w = hadamard_transform(w, self.rotation, 1)
             parts = []
             for part in torch.split(w, self.splits, dim=1):
                 q = WeightQuantizer(self.weight_spec, "minmax")
@@ -241,13 +239,11 @@ class _LayerProbe:
         qmin, qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
         s = self.smooth_of(c)
         if s is not None:
-            shape = [1] * x.dim()
-            shape[self.dim] = -1
-            x = x / s.reshape(shape)
+            x = x / broadcast_along(s, x, self.dim)
         if c.split:
             x = x.index_fill(self.dim, self.fp_index, 0.0)
         if c.rotate:
-            x = hadamard_transform(x.movedim(self.dim, -1), self.rotation).movedim(-1, self.dim)
+            x = hadamard_transform(x, self.rotation, self.dim)
         out, lo = [], 0
         for part in torch.split(x, self.splits, dim=self.dim):
             hi = lo + part.shape[self.dim]
@@ -331,7 +327,7 @@ def plan_treatments(
         return TreatmentPlan(config)
     splits_at = shortcut_splits(model) if config.split_shortcuts else {}
     clock = TimestepClock()
-    handles = [model.register_forward_pre_hook(clock, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(clock, with_kwargs=True)]  # the range pass; the probes need no t
     stats: dict[str, RangeStats] = {}
     for name, (module, _, _) in targets.items():
         block = rotation_block(module.weight.shape[1])
@@ -339,14 +335,11 @@ def plan_treatments(
         st = stats[name] = RangeStats(1 if isinstance(module, nn.Conv2d) else -1, rotation=block)
         handles.append(module.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0], clock.t)))
     try:
-        n_batches = (len(calib) + batch_size - 1) // batch_size
-        with progress_bar("input ranges", n_batches) as bar:
-            for x, t, labels, cond in calib.batches(batch_size, denoiser.device):
-                denoiser.forward_raw(x, t, labels, cond)
-                bar.advance()
+        calib.run_through(denoiser, batch_size, "input ranges")
     finally:
-        for h in handles[1:]:
+        for h in handles:
             h.remove()
+    handles = []
     probes: dict[str, _LayerProbe] = {}
     for name, (module, wspec, aspec) in targets.items():
         channels = module.weight.shape[1]
@@ -359,10 +352,8 @@ def plan_treatments(
         calls = _probe_calls(calib)
         with progress_bar("outlier candidates", len(calls)) as bar:
             for rows in calls:
-                x, t = calib.x[rows].to(denoiser.device), calib.t[rows].to(denoiser.device)
-                labels = None if calib.labels is None else calib.labels[rows].to(denoiser.device)
-                cond = None if calib.cond is None else calib.cond[rows].to(denoiser.device)
-                denoiser.forward_raw(x, t, labels, cond)
+                for x, t, labels, cond in calib.subset(rows).batches(len(rows), denoiser.device):
+                    denoiser.forward_raw(x, t, labels, cond)
                 bar.advance()
     finally:
         for h in handles:

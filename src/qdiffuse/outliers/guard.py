@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.nn.rewrite import set_quantization_enabled
 from qdiffuse.outliers.sensitivity import input_sensitivity, model_outputs, psnr_db
 
 GUARD_ROWS = 32
@@ -49,24 +50,12 @@ class GuardReport:
 def guard_rows(calib: CalibrationSet, rows: int = GUARD_ROWS) -> CalibrationSet:
     """An evenly spread subset of the calibration set: every timestep it holds, ``rows`` rows in all."""
     n = len(calib)
-    idx = torch.linspace(0, n - 1, min(rows, n)).round().long().unique()
-    return CalibrationSet(
-        calib.x[idx],
-        calib.t[idx],
-        None if calib.labels is None else calib.labels[idx],
-        None if calib.cond is None else calib.cond[idx],
-    )
+    return calib.subset(torch.linspace(0, n - 1, min(rows, n)).round().long().unique())
 
 
 def fp_reference(denoiser: Denoiser, probe: CalibrationSet, batch_size: int = 64) -> Tensor:
     """The FP model's outputs on the guard's rows (taken before the model is rewritten)."""
     return model_outputs(denoiser, probe, batch_size)
-
-
-def _set_enabled(model: nn.Module, enabled: bool) -> None:
-    from qdiffuse.nn.rewrite import set_quantization_enabled
-
-    set_quantization_enabled(model, enabled)
 
 
 def give_fp_input(layer: nn.Module) -> None:
@@ -87,9 +76,9 @@ def run_guard(
     from qdiffuse.nn.layers import QuantLayer
 
     model = denoiser.model
-    _set_enabled(model, False)
+    set_quantization_enabled(model, False)
     weight_only = psnr_db(model_outputs(denoiser, probe, batch_size), reference)
-    _set_enabled(model, True)
+    set_quantization_enabled(model, True)
     before = psnr_db(model_outputs(denoiser, probe, batch_size), reference)
     report = GuardReport(budget_db, weight_only, before, before)
     if weight_only - before <= budget_db:

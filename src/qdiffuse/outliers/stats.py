@@ -34,7 +34,7 @@ class RangeStats:
         if self.rotation:
             from qdiffuse.formats.hadamard import hadamard_transform
 
-            rotated = hadamard_transform(x.movedim(self.channel_dim, -1), self.rotation)
+            rotated = hadamard_transform(x, self.rotation, self.channel_dim)
             self.rot_min = min(self.rot_min, float(rotated.amin()))
             self.rot_max = max(self.rot_max, float(rotated.amax()))
         moved = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim])

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qdiffuse.formats import broadcast_along
 from qdiffuse.formats.hadamard import hadamard_transform
 from qdiffuse.formats.lowrank import lowrank_split
 
@@ -47,23 +48,14 @@ class InputTreatment(nn.Module):
     def active(self) -> bool:
         return any(b is not None for b in (self.smooth, self.fp_index, self.rotation, self.lowrank_up))
 
-    def _rotate(self, x: Tensor, dim: int) -> Tensor:
-        block = int(self.rotation)
-        return hadamard_transform(x.movedim(dim, -1), block).movedim(-1, dim)
-
-    def _per_channel(self, values: Tensor, x: Tensor) -> Tensor:
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = values.numel()
-        return values.to(x.dtype).reshape(shape)
-
     def main_input(self, x: Tensor) -> Tensor:
         """The input the quantized product sees: divided by the smoothing vector, outlier channels zeroed."""
         if self.smooth is not None:
-            x = x / self._per_channel(self.smooth, x)
+            x = x / broadcast_along(self.smooth, x, self.channel_dim)
         if self.fp_index is not None:
             x = x.index_fill(self.channel_dim, self.fp_index, 0.0)
         if self.rotation is not None:
-            x = self._rotate(x, self.channel_dim)
+            x = hadamard_transform(x, int(self.rotation), self.channel_dim)
         return x
 
     def fp_output(self, x: Tensor, layer: nn.Module, main: Tensor | None = None) -> Tensor | None:
@@ -104,12 +96,10 @@ class InputTreatment(nn.Module):
             if self.fp_index is not None:
                 s[self.fp_index] = 1.0
             self.smooth = s
-            shape = [1] * new.dim()
-            shape[1] = -1
-            new.mul_(s.reshape(shape).to(new.dtype))
+            new.mul_(broadcast_along(s, new, 1))
         if rotation:
             self.rotation = torch.tensor(rotation, dtype=torch.long)
-            new = self._rotate(new, 1)
+            new = hadamard_transform(new, rotation, 1)
         if rank:
             l1, l2, residual = lowrank_split(new, rank)
             self.lowrank_up = l1.float().contiguous()

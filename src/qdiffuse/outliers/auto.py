@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import CalibrationSet
@@ -29,6 +28,7 @@ from qdiffuse.models.clock import TimestepClock
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.quantizer import WeightQuantizer
 from qdiffuse.outliers.stats import RangeStats
+from qdiffuse.outliers.treatment import layer_op
 from qdiffuse.progress import progress_bar
 
 ALPHAS = (0.25, 0.5, 0.75)
@@ -180,15 +180,6 @@ class _LayerProbe:
         self.weights: dict[str, Tensor] = {}
         self.weight_spec = weight_spec
 
-    def _op(self, x: Tensor, w: Tensor) -> Tensor:
-        m = self.module
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros":
-                x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-                return F.conv2d(x, w, None, m.stride, 0, m.dilation)
-            return F.conv2d(x, w, None, m.stride, m.padding, m.dilation)
-        return F.linear(x, w)
-
     def _weight(self, c: Candidate) -> Tensor:
         key = f"{c.alpha}|{c.split}|{c.rotate}"
         if key not in self.weights:
@@ -257,15 +248,16 @@ class _LayerProbe:
     def __call__(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         x = args[0].detach().float()
         w = module.weight.detach().float()
-        ref = self._op(x, w)
+        ref = layer_op(self.module, x, w)
         self.signal.append(float(ref.pow(2).sum()))
         for c in self.candidates:
             if c.fp_input:
-                y = self._op(x, self._weight(c))
+                y = layer_op(self.module, x, self._weight(c))
             else:
-                y = self._op(self._quantize_input(x, c), self._weight(c))
+                y = layer_op(self.module, self._quantize_input(x, c), self._weight(c))
                 if c.split:
-                    y = y + self._op(x.index_select(self.dim, self.fp_index), w.index_select(1, self.fp_index))
+                    outliers = x.index_select(self.dim, self.fp_index)
+                    y = y + layer_op(self.module, outliers, w.index_select(1, self.fp_index))
             self.err[c.name].append(float((y - ref).pow(2).sum()))
 
     def sqnr(self) -> dict[str, float]:

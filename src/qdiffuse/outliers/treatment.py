@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from qdiffuse.formats import broadcast_along
 from qdiffuse.formats.hadamard import hadamard_transform
-from qdiffuse.formats.lowrank import lowrank_split
+from qdiffuse.formats.lowrank import lowrank_apply_conv2d, lowrank_apply_linear, lowrank_macs, lowrank_split
 
 
 class InputTreatment(nn.Module):
@@ -63,14 +63,19 @@ class InputTreatment(nn.Module):
         raw input ``x``) and the low-rank branch (from ``main``, the treated input before quantization)."""
         out = None
         if self.fp_index is not None:
-            out = _op(layer, x.index_select(self.channel_dim, self.fp_index), self.fp_weight.to(x.dtype))
+            out = layer_op(layer, x.index_select(self.channel_dim, self.fp_index), self.fp_weight.to(x.dtype))
         if self.lowrank_up is not None:
             main = self.main_input(x) if main is None else main
-            down = _op(layer, main, self.lowrank_down.to(main.dtype))
+            up = self.lowrank_up.to(main.dtype)
+            down = self.lowrank_down.to(main.dtype).reshape(up.shape[1], -1)
             if hasattr(layer, "kernel_size"):
-                branch = F.conv2d(down, self.lowrank_up.to(down.dtype)[:, :, None, None])
+                padding = layer.padding
+                if getattr(layer, "padding_mode", "zeros") != "zeros":
+                    main = F.pad(main, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+                    padding = 0
+                branch = lowrank_apply_conv2d(main, up, down, layer.kernel_size, layer.stride, padding, layer.dilation)
             else:
-                branch = F.linear(down, self.lowrank_up.to(down.dtype))
+                branch = lowrank_apply_linear(main, up, down)
             out = branch if out is None else out + branch
         return out
 
@@ -111,7 +116,7 @@ class InputTreatment(nn.Module):
         """Float MACs per output position of the outlier channels and the low-rank branch."""
         macs = 0 if self.fp_index is None else out_channels * int(self.fp_index.numel()) * kernel_elements
         if self.lowrank_up is not None:
-            macs += self.lowrank_down[0].numel() * self.lowrank_up.shape[1] + out_channels * self.lowrank_up.shape[1]
+            macs += lowrank_macs(out_channels, self.lowrank_down[0].numel(), self.lowrank_up.shape[1], 1)
         return macs
 
     def describe(self) -> str:
@@ -127,7 +132,7 @@ class InputTreatment(nn.Module):
         return ", ".join(parts) or "none"
 
 
-def _op(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+def layer_op(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """The layer's own linear op (its stride, padding, dilation for a conv) on ``x`` with ``weight``, no bias."""
     if hasattr(layer, "kernel_size"):
         if getattr(layer, "padding_mode", "zeros") != "zeros":
@@ -137,4 +142,4 @@ def _op(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
-__all__ = ["InputTreatment"]
+__all__ = ["InputTreatment", "layer_op"]

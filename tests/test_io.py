@@ -85,7 +85,11 @@ def _assert_load_error(folder: Path, *words: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- round trips
 
-ROUND_TRIPS = [(k, s) for k in ("unet", "dit") for s in ("w8a8", "w4a4", "fp8", "nvfp4", "mxfp4")] + [("cond", "w4a8")]
+ROUND_TRIPS = [(k, s) for k in ("unet", "dit") for s in ("w8a8", "w4a4", "fp8", "nvfp4", "mxfp4", "quartz-w4a4")] + [
+    ("cond", "w4a8"),
+    ("unet", "quartz-a4"),
+    ("dit", "quartz-w4a8"),
+]
 
 
 @pytest.mark.parametrize("kind, scheme", ROUND_TRIPS)

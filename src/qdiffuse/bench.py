@@ -76,9 +76,15 @@ class SamplerSetting:
         return f"{self.sampler}{self.steps}-eta{self.eta:g}"
 
 
+SCHEME_OPTIONS = ("lzs_group", "lzs_rounding")
+"""Keys of a setting's ``config`` that :meth:`QuantConfig.from_scheme` takes to vary the scheme's formats."""
+
+
 def _unknown_config_fields(overrides: dict[str, Any]) -> list[str]:
-    """Keys that are not QuantConfig fields a bench config may set (scheme and method have their own keys)."""
-    return sorted(set(overrides) - {f.name for f in fields(QuantConfig)} | ({"scheme", "method"} & set(overrides)))
+    """Keys that are not QuantConfig fields or scheme options a bench config may set (scheme and method have their
+    own keys)."""
+    known = {f.name for f in fields(QuantConfig)} | set(SCHEME_OPTIONS)
+    return sorted(set(overrides) - known | ({"scheme", "method"} & set(overrides)))
 
 
 @dataclass(frozen=True)

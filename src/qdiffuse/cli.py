@@ -109,7 +109,12 @@ def quantize(
     model: Annotated[str, typer.Argument(help="Built-in model name or diffusers folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the quantized model.")],
     scheme: Annotated[
-        str, typer.Option(help="w8a8, w4a8, w4a4, w4a4-g32, w8a16, w4a16, fp8, nvfp4, mxfp4, w4-mixed, w8-mixed.")
+        str,
+        typer.Option(
+            help="w8a8, w4a8, w4a4, w4a4-g32, w8a16, w4a16, fp8, nvfp4, mxfp4, nvfp4-w4a8, mxfp4-w4a8 (FP4 weights, "
+            "INT8 activations), quartz-w4a4 (QuaRTZ weights and activations), quartz-w4a8 (QuaRTZ weights, INT8 "
+            "activations), quartz-a4 / quartz-a4w8 (QuaRTZ activations, INT4 / INT8 weights), w4-mixed, w8-mixed."
+        ),
     ] = "w8a8",
     method: Annotated[
         str | None,
@@ -148,6 +153,17 @@ def quantize(
     lowrank_rank: Annotated[
         int, typer.Option(help="SVDQuant: a float branch of this rank on every wide integer-weight layer (0: none).")
     ] = 0,
+    lzs_group: Annotated[
+        int | None, typer.Option(help="quartz-*: values per leading-zero-suppression flag, 16 (default) or 32.")
+    ] = None,
+    lzs_rounding: Annotated[
+        str | None,
+        typer.Option(help="quartz-*: nearest (default; the authors' code) or truncate (the paper) when suppressing."),
+    ] = None,
+    quartz_static: Annotated[
+        bool,
+        typer.Option("--quartz-static", help="quartz-*: calibrated stage-1 activation scales instead of per call."),
+    ] = False,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
     no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
@@ -192,6 +208,9 @@ def quantize(
         quantize_attention=not no_attention,
         split_shortcuts=not no_split,
         dynamic_activations=dynamic,
+        lzs_group=lzs_group,
+        lzs_rounding=lzs_rounding,
+        quartz_static=quartz_static,
         outliers=outliers,
         lowrank_rank=lowrank_rank,
         **({} if guard_db is None else {"guard_db": guard_db}),
@@ -413,6 +432,7 @@ def info(
     typer.echo(f"folder:     {desc['path']}")
     typer.echo(f"source:     {desc['source']}")
     typer.echo(f"scheme:     {desc['scheme']}   method: {desc['method']}")
+    typer.echo(f"formats:    {'; '.join(desc['formats'])}")
     ratio = desc["fp32_bytes"] / max(desc["bytes_on_disk"], 1)
     typer.echo(
         f"size:       {desc['bytes_on_disk'] / mib:.2f} MiB on disk "

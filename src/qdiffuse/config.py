@@ -42,6 +42,14 @@ def _int_acts(bits: int) -> FormatSpec:
     return FormatSpec(kind="int", bits=bits, symmetric=False, granularity="tensor")
 
 
+def _quartz() -> FormatSpec:
+    from qdiffuse.formats.quartz import LZS_GROUP, STAGE1_GROUP
+
+    return FormatSpec(
+        kind="quartz", bits=4, granularity="group", group_size=STAGE1_GROUP, lzs_group=LZS_GROUP, rounding="nearest"
+    )
+
+
 SCHEMES: dict[str, tuple[FormatSpec, FormatSpec | None]] = {
     "w8a8": (_int_weights(8), _int_acts(8)),
     "w4a8": (_int_weights(4), _int_acts(8)),
@@ -58,6 +66,12 @@ SCHEMES: dict[str, tuple[FormatSpec, FormatSpec | None]] = {
     ),
     "nvfp4": (FormatSpec(kind="nvfp4"), FormatSpec(kind="nvfp4")),
     "mxfp4": (FormatSpec(kind="mxfp4"), FormatSpec(kind="mxfp4")),
+    "nvfp4-w4a8": (FormatSpec(kind="nvfp4"), _int_acts(8)),
+    "mxfp4-w4a8": (FormatSpec(kind="mxfp4"), _int_acts(8)),
+    "quartz-w4a4": (_quartz(), _quartz()),
+    "quartz-w4a8": (_quartz(), _int_acts(8)),
+    "quartz-a4": (_int_weights(4), _quartz()),
+    "quartz-a4w8": (_int_weights(8), _quartz()),
 }
 """Named schemes: (weight format, activation format or None for weight-only).
 
@@ -67,6 +81,12 @@ and a per-tensor activation scale. NVFP4 and MXFP4 are blockwise by definition. 
 per channel and gives the INT4 activations one range per token and 32 consecutive channels, taken from the data
 on every call (SVDQuant's INT4 activations use groups of 64): the per-tensor 4-bit grid of ``w4a4`` cannot hold a
 transformer's tokens (BENCHMARKS.md, "W4A4": ``fmnist-dit`` FID 64.89 per tensor, 7.53 per group with GPTQ).
+``nvfp4-w4a8``/``mxfp4-w4a8``: the FP4 weights under INT8 per-tensor activations. The ``quartz-*`` schemes put
+QuaRTZ (:mod:`qdiffuse.formats.quartz`: INT8 per 64 values, leading-zero suppression to 4-bit codes per 16) on
+weights and activations (``quartz-w4a4``), on weights under INT8 activations (``quartz-w4a8``), or on activations
+under INT4 (``quartz-a4``) or INT8 (``quartz-a4w8``) per-channel weights; their activations take their stage-1
+scales per call (``quartz_static`` calibrates them once instead), and ``lzs_group``/``lzs_rounding`` in
+:meth:`QuantConfig.from_scheme` pick the variant (16 and ``nearest`` by default).
 """
 
 MIXED_SCHEMES: dict[str, tuple[str, tuple[int, ...]]] = {"w4-mixed": ("w4a8", (4, 8)), "w8-mixed": ("w8a8", (4, 8))}
@@ -141,6 +161,8 @@ class QuantConfig:
     measured after calibration); over it, the costliest layer inputs go to FP (:mod:`qdiffuse.outliers.guard`).
     0 turns it off; :meth:`from_scheme` sets 3 dB for 8-bit activations.
     lowrank_rank: SVDQuant's float branch of this rank on every integer-weight layer at least 8× wider (0: none).
+    quartz_static: QuaRTZ activations with one calibrated stage-1 scale per group of channels, shared by every
+    token, instead of scales taken from each call's data (the default, as QuaRTZ's authors run it).
     calib_steps / calib_per_step: time-step-aware calibration counts (steps evenly spaced over the sampler).
     recon_*: block reconstruction of the ``qdiffusion`` methods: learned-rounding and step-size iterations per
     block, calibration rows per iteration and in all, the two Adam learning rates, AdaRound's regulariser weight,
@@ -163,6 +185,7 @@ class QuantConfig:
     outliers: str = "auto"
     guard_db: float = 0.0
     lowrank_rank: int = 0
+    quartz_static: bool = False
     mixed_activation_bits: tuple[int, ...] = ()
     calib_steps: int = 20
     calib_per_step: int = 32
@@ -227,11 +250,14 @@ class QuantConfig:
         keep_8bit: tuple[str, ...] | None = DEFAULT_KEEP_8BIT,
         keep_fp: tuple[str, ...] = (),
         fp_inputs: tuple[str, ...] = DEFAULT_FP_INPUT,
+        lzs_group: int | None = None,
+        lzs_rounding: str | None = None,
         **kwargs: Any,
     ) -> QuantConfig:
         """Build a config from a scheme name, with the default layer policy unless told otherwise: first/last
         layers and embeddings at 8 bits below 8 bits, and a floating-point x_t input to the first layer.
-        ``method=None`` takes the scheme's recommended method (:data:`RECOMMENDED_METHODS`)."""
+        ``method=None`` takes the scheme's recommended method (:data:`RECOMMENDED_METHODS`). ``lzs_group`` and
+        ``lzs_rounding`` set the QuaRTZ variant of a ``quartz-*`` scheme's QuaRTZ formats."""
         method = RECOMMENDED_METHODS.get(scheme, "minmax") if method is None else method
         if scheme in MIXED_SCHEMES:
             base, bits = MIXED_SCHEMES[scheme]
@@ -241,6 +267,7 @@ class QuantConfig:
             weight, activation = SCHEMES[scheme]
         else:
             raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join([*SCHEMES, *MIXED_SCHEMES])}")
+        weight, activation = _quartz_variant(scheme, weight, activation, lzs_group, lzs_rounding)
         rules = [LayerRule(p, "fp") for p in keep_fp]
         if keep_8bit and _is_below_8bit(weight, activation):
             rules += [LayerRule(p, HIGH_PRECISION) for p in keep_8bit]
@@ -297,8 +324,13 @@ class QuantConfig:
         return weight, activation
 
     def is_dynamic(self, layer_name: str) -> bool:
-        """Whether the layer's input range is computed per call rather than calibrated."""
-        return self.dynamic_activations or layer_name in self.dynamic_layers
+        """Whether the layer's input range is computed per call rather than calibrated (QuaRTZ activations are,
+        unless ``quartz_static``)."""
+        if self.dynamic_activations or layer_name in self.dynamic_layers:
+            return True
+        formats = self.formats_for(layer_name)
+        act = formats[1] if formats else None
+        return act is not None and act.kind == "quartz" and not self.quartz_static
 
     def has_fp_input(self, layer_name: str) -> bool:
         """True where the layer's input stays in floating point (see :data:`DEFAULT_FP_INPUT`)."""
@@ -343,6 +375,28 @@ class QuantConfig:
 
     def with_overrides(self, **kwargs: Any) -> QuantConfig:
         return replace(self, **kwargs)
+
+
+def _quartz_variant(
+    scheme: str, weight: FormatSpec, activation: FormatSpec | None, lzs_group: int | None, rounding: str | None
+) -> tuple[FormatSpec, FormatSpec | None]:
+    """The scheme's formats with the requested QuaRTZ variant (an error for a scheme without QuaRTZ)."""
+    if lzs_group is None and rounding is None:
+        return weight, activation
+    if "quartz" not in (weight.kind, activation.kind if activation else None):
+        raise ConfigError(f"scheme {scheme!r} has no QuaRTZ format; --lzs-group/--lzs-rounding need a quartz-* scheme")
+    changes: dict[str, Any] = {}
+    if lzs_group is not None:
+        changes["lzs_group"] = lzs_group
+    if rounding is not None:
+        changes["rounding"] = rounding
+
+    def pick(spec: FormatSpec | None) -> FormatSpec | None:
+        return replace(spec, **changes) if spec is not None and spec.kind == "quartz" else spec
+
+    new_weight = pick(weight)
+    assert new_weight is not None
+    return new_weight, pick(activation)
 
 
 def _is_below_8bit(weight: FormatSpec, activation: FormatSpec | None) -> bool:

@@ -192,10 +192,11 @@ def _load_tensors(
         for name, layer in layers.items():
             entry = layers_meta[name]
             for k, quantizer in enumerate(layer.weight_quantizers):
-                for buf in ("scale", "zero_point", "block_scale"):
+                for buf in ("scale", "zero_point", "block_scale", "lzs_flags"):
                     key = f"{name}.weight_quantizers.{k}.{buf}"
                     if key in tensors:
-                        setattr(quantizer, buf, tensors[key].float())
+                        value = tensors[key]
+                        setattr(quantizer, buf, value.float() if value.is_floating_point() else value)
                         used.add(key)
             codes = []
             for k in range(len(layer.weight_quantizers)):
@@ -290,6 +291,7 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
             "path": str(folder),
             "scheme": manifest["config"]["scheme"],
             "method": manifest["config"]["method"],
+            "formats": _format_lines(manifest["config"]),
             "source": manifest.get("source"),
             "bytes_on_disk": folder_size(folder),
             "fp32_bytes": fp32_bytes,
@@ -298,6 +300,22 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
         }
     except (KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"{folder / QUANT_JSON} is malformed ({exc}); re-run qdiffuse quantize") from None
+
+
+def _format_lines(config: dict[str, Any]) -> list[str]:
+    """The main weight and activation formats with the bits each value takes as stored."""
+    from qdiffuse.formats.spec import FormatSpec
+
+    lines = []
+    for role in ("weight", "activation"):
+        data = config.get(role)
+        if not data:
+            lines.append(f"{role}s fp")
+            continue
+        spec = FormatSpec.from_dict(data)
+        extra = f" = {spec.value_bits} + {spec.overhead_bits:.2f} for scales and flags" if spec.overhead_bits else ""
+        lines.append(f"{role}s {spec.describe()} ({spec.effective_bits:.2f} bits per value{extra})")
+    return lines
 
 
 __all__ = ["save_quantized", "load_quantized", "quantized_layers", "is_quantized_folder", "describe_folder"]

@@ -6,12 +6,13 @@ in no block is a unit of its own. Unit by unit, the unit's inputs are recorded f
 error of everything upstream, already reconstructed, is part of what the unit sees) and its targets from the FP
 model on FP inputs. Then:
 
-1. **Learned rounding** (AdaRound, integer weight formats only): each weight element rounds down or up,
+1. **Learned rounding** (AdaRound, integer and QuaRTZ weight formats): each weight element rounds down or up,
    ``w_q = s · (clamp(floor(w/s) + h(V) + zp, qmin, qmax) − zp)`` with the rectified sigmoid
    ``h(V) = clamp(1.2·σ(V) − 0.1, 0, 1)`` started at ``frac(w/s)``. Adam on V minimises the unit's output error
    plus ``round_reg · Σ(1 − |2h(V) − 1|^β)``, β annealed from ``beta_start`` to ``beta_end`` after a warm-up,
    which drives every h(V) to 0 or 1. The weight is then hardened to ``h = [V ≥ 0]``: exactly on the grid, so
-   the saved integer codes decode to the same weight.
+   the saved integer codes decode to the same weight. QuaRTZ weights learn the rounding of their INT8 stage and
+   pass the leading-zero suppression after it straight through (:func:`qdiffuse.formats.quartz.lzs_ste`).
 2. **Learned step sizes** (LSQ) of the unit's static integer activation quantizers, through the
    straight-through rounding of :func:`qdiffuse.formats.integer.fake_quant_int`.
 
@@ -40,6 +41,7 @@ from qdiffuse.config import RECON_UNITS
 from qdiffuse.errors import ConfigError, DataError
 from qdiffuse.formats import group_view, int_bounds, ungroup_view
 from qdiffuse.formats.integer import SCALE_MIN
+from qdiffuse.formats.quartz import lzs_ste, stage1_bounds
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.attention import is_diffusers_attention
 from qdiffuse.nn.layers import QuantLayer
@@ -238,7 +240,11 @@ class _PartRounding:
         view = group_view(fp_part.float(), spec.group_size) if self.grouped else fp_part.float()
         self.scale = quantizer.scale
         self.zp = quantizer.zero_point if quantizer.zero_point is not None else torch.zeros_like(self.scale)
-        self.qmin, self.qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
+        self.lzs = (spec.lzs_group, spec.rounding, spec.unsigned) if spec.kind == "quartz" else None
+        if self.lzs:
+            self.qmin, self.qmax = stage1_bounds(spec.unsigned)
+        else:
+            self.qmin, self.qmax = int_bounds(spec.bits, spec.symmetric, spec.unsigned)
         x = view / self.scale
         self.floor = torch.floor(x)
         rest = (x - self.floor).clamp(0.0, 1.0)
@@ -247,6 +253,8 @@ class _PartRounding:
 
     def _weight(self, h: Tensor) -> Tensor:
         q = torch.clamp(self.floor + h + self.zp, self.qmin, self.qmax)
+        if self.lzs:
+            q = lzs_ste(q, *self.lzs)
         w = (q - self.zp) * self.scale
         return ungroup_view(w, self.shape) if self.grouped else w
 
@@ -269,7 +277,7 @@ class _LayerRounding:
         fp_parts = layer.weight_parts(fp_weight)
         current = layer.weight_parts(layer.weight.detach())
         for quantizer, fp_part, cur in zip(layer.weight_quantizers, fp_parts, current, strict=True):
-            if quantizer.spec.kind == "int" and quantizer.scale is not None:
+            if quantizer.spec.kind in ("int", "quartz") and quantizer.scale is not None:
                 self.parts.append(_PartRounding(quantizer, fp_part.detach()))
             else:
                 self.parts.append(cur.clone())

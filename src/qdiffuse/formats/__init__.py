@@ -1,4 +1,4 @@
-"""Number formats: pure tensor functions (no modules, no state) for integer, FP8 and FP4 quantization.
+"""Number formats: pure tensor functions (no modules, no state) for integer, FP8, FP4 and QuaRTZ quantization.
 
 Everything here works on any float dtype and device and keeps autograd working through the
 straight-through estimator, so the same functions serve calibration, reconstruction and export.
@@ -41,6 +41,17 @@ from qdiffuse.formats.integer import (
     quantize_int,
 )
 from qdiffuse.formats.pack import codes_to_unsigned, pack_bits, unpack_bits, unsigned_to_codes
+from qdiffuse.formats.quartz import (
+    effective_bits,
+    fake_quant_quartz,
+    lzs,
+    lzs_decode,
+    lzs_encode,
+    quartz_decode,
+    quartz_encode,
+    quartz_scale,
+    search_quartz_scale,
+)
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.formats.ste import round_ste
 
@@ -64,6 +75,15 @@ __all__ = [
     "broadcast_along",
     "fake_quant_mxfp4",
     "fake_quant_nvfp4",
+    "fake_quant_quartz",
+    "effective_bits",
+    "lzs",
+    "lzs_decode",
+    "lzs_encode",
+    "quartz_decode",
+    "quartz_encode",
+    "quartz_scale",
+    "search_quartz_scale",
     "fake_quantize",
     "fp8_scale",
     "group_view",
@@ -133,9 +153,13 @@ def fake_quantize(
     * ``fp8_e4m3``/``fp8_e5m2``: ``scale`` (same shapes; ``group`` also uses the grouped view).
     * ``nvfp4``: ``scale`` is the optional per-tensor global scale (computed from ``x`` when omitted).
     * ``mxfp4``: no parameters; block exponents come from the data.
+    * ``quartz``: ``scale`` holds the stage-1 scales against ``[..., n_groups, group_size]`` (taken from the data
+      when omitted).
 
-    nvfp4/mxfp4 blocks run along the last dimension of ``x``.
+    nvfp4/mxfp4/quartz blocks run along the last dimension of ``x``.
     """
+    if spec.kind == "quartz":
+        return fake_quant_quartz(x, scale, spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned)
     if spec.kind == "mxfp4":
         return fake_quant_mxfp4(x)
     if spec.kind == "nvfp4":

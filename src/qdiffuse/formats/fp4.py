@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from qdiffuse.errors import DataError
+from qdiffuse.formats.blocks import from_blocks, to_blocks
 from qdiffuse.formats.integer import SCALE_MIN
 
 E2M1_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -88,23 +89,6 @@ def e2m1_decode(codes: Tensor) -> Tensor:
     return _e2m1_decode_table(codes.device)[codes.long()]
 
 
-def _to_blocks(x: Tensor, block: int) -> Tensor:
-    """``[..., n]`` → ``[..., ceil(n / block), block]``, zero-padding the last dimension."""
-    if x.dim() == 0:
-        raise DataError("block formats need a tensor with at least one dimension; reshape scalars to [1]")
-    n = x.shape[-1]
-    pad = (-n) % block
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], (n + pad) // block, block)
-
-
-def _from_blocks(blocks: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`_to_blocks`: merge the block dimension and strip padding back to length ``n``."""
-    flat = blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])
-    return flat[..., :n]
-
-
 def _code_blocks(codes: Tensor, scales: Tensor, block: int, what: str) -> Tensor:
     """Codes as blocks, after checking they agree with the number of per-block scales."""
     nblocks = scales.shape[-1] if scales.dim() else 1
@@ -113,7 +97,7 @@ def _code_blocks(codes: Tensor, scales: Tensor, block: int, what: str) -> Tensor
             f"{what}: codes of shape {tuple(codes.shape)} do not match {nblocks} block scales of {block}; "
             "pass the codes and scales returned by the same quantize call"
         )
-    return _to_blocks(codes, block)
+    return to_blocks(codes, block)
 
 
 # --------------------------------------------------------------------------------------------------- NVFP4
@@ -152,10 +136,10 @@ def nvfp4_quantize(x: Tensor, global_scale: Tensor) -> tuple[Tensor, Tensor]:
     448) and values ``round_e2m1(x / (s_b * global_scale))``. Returns the e2m1 codes (uint8, same shape as
     ``x``) and the block scales (``float8_e4m3fn``, shape ``[..., ceil(n / 16)]``).
     """
-    blocks = _to_blocks(x.detach().to(_work_dtype(x)), NVFP4_BLOCK)
+    blocks = to_blocks(x.detach().to(_work_dtype(x)), NVFP4_BLOCK)
     block_scales, step = _nvfp4_steps(blocks, global_scale)
     codes = e2m1_encode(_scaled_round(blocks, step))
-    return _from_blocks(codes, x.shape[-1]), block_scales
+    return from_blocks(codes, x.shape[-1]), block_scales
 
 
 def nvfp4_dequantize(
@@ -166,7 +150,7 @@ def nvfp4_dequantize(
     g = torch.as_tensor(global_scale, device=codes.device).to(torch.float32)
     step = block_scales.to(torch.float32).unsqueeze(-1) * g
     values = e2m1_decode(blocks) * step
-    return _from_blocks(values, codes.shape[-1] if orig_last_dim is None else orig_last_dim)
+    return from_blocks(values, codes.shape[-1] if orig_last_dim is None else orig_last_dim)
 
 
 def fake_quant_nvfp4(x: Tensor, global_scale: Tensor | None = None) -> Tensor:
@@ -178,10 +162,10 @@ def fake_quant_nvfp4(x: Tensor, global_scale: Tensor | None = None) -> Tensor:
     """
     if global_scale is None:
         global_scale = nvfp4_global_scale(x.detach().abs().amax())
-    blocks = _to_blocks(x.to(_work_dtype(x)), NVFP4_BLOCK)
+    blocks = to_blocks(x.to(_work_dtype(x)), NVFP4_BLOCK)
     _, step = _nvfp4_steps(blocks, global_scale)
     out = _scaled_round(blocks, step) * step
-    return _from_blocks(out, x.shape[-1]).to(x.dtype)
+    return from_blocks(out, x.shape[-1]).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- MXFP4
@@ -212,11 +196,11 @@ def mxfp4_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     ``round_e2m1(x / 2**e)`` (saturating at ±6). Returns the e2m1 codes (uint8, same shape as ``x``) and the
     e8m0 exponents (uint8, ``e + 127``, shape ``[..., ceil(n / 32)]``).
     """
-    blocks = _to_blocks(x.detach().to(_work_dtype(x)), MXFP4_BLOCK)
+    blocks = to_blocks(x.detach().to(_work_dtype(x)), MXFP4_BLOCK)
     e = _mx_exponents(blocks)
     values = _round_e2m1_values(blocks / _pow2(e, blocks.dtype).unsqueeze(-1))
     codes = e2m1_encode(values)
-    return _from_blocks(codes, x.shape[-1]), (e + E8M0_BIAS).to(torch.uint8)
+    return from_blocks(codes, x.shape[-1]), (e + E8M0_BIAS).to(torch.uint8)
 
 
 def mxfp4_dequantize(codes: Tensor, exponents: Tensor, orig_last_dim: int | None = None) -> Tensor:
@@ -224,12 +208,12 @@ def mxfp4_dequantize(codes: Tensor, exponents: Tensor, orig_last_dim: int | None
     blocks = _code_blocks(codes, exponents, MXFP4_BLOCK, "mxfp4_dequantize")
     scale = _pow2(exponents.to(torch.int32) - E8M0_BIAS, torch.float32).unsqueeze(-1)
     values = e2m1_decode(blocks) * scale
-    return _from_blocks(values, codes.shape[-1] if orig_last_dim is None else orig_last_dim)
+    return from_blocks(values, codes.shape[-1] if orig_last_dim is None else orig_last_dim)
 
 
 def fake_quant_mxfp4(x: Tensor) -> Tensor:
     """MXFP4 quantize-dequantize with a straight-through gradient (1 except where a value saturated)."""
-    blocks = _to_blocks(x.to(_work_dtype(x)), MXFP4_BLOCK)
+    blocks = to_blocks(x.to(_work_dtype(x)), MXFP4_BLOCK)
     scale = _pow2(_mx_exponents(blocks), blocks.dtype).unsqueeze(-1)
     out = round_e2m1(blocks / scale) * scale
-    return _from_blocks(out, x.shape[-1]).to(x.dtype)
+    return from_blocks(out, x.shape[-1]).to(x.dtype)

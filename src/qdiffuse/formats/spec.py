@@ -11,7 +11,7 @@ from typing import Any
 
 from qdiffuse.errors import ConfigError
 
-FORMAT_KINDS = ("int", "fp8_e4m3", "fp8_e5m2", "nvfp4", "mxfp4")
+FORMAT_KINDS = ("int", "fp8_e4m3", "fp8_e5m2", "nvfp4", "mxfp4", "quartz")
 GRANULARITIES = ("tensor", "channel", "group")
 BLOCK_SIZES = {"nvfp4": 16, "mxfp4": 32}
 
@@ -22,12 +22,15 @@ class FormatSpec:
 
     kind: ``int`` (uniform integer), ``fp8_e4m3``/``fp8_e5m2``, ``nvfp4`` (e2m1 values, 16-value blocks with
     e4m3 scales under one fp32 tensor scale) or ``mxfp4`` (e2m1 values, 32-value blocks with power-of-two
-    scales).
+    scales) or ``quartz`` (QuaRTZ: INT8 per ``group_size`` values, then leading-zero suppression to 4-bit codes
+    with a flag per ``lzs_group`` values, ``rounding`` ``truncate`` or ``nearest``; see :mod:`.quartz`).
     bits: integer bit-width, 2..8 (ignored by the float kinds, which have fixed widths).
     symmetric: integer grid centred on zero (no zero point) or an asymmetric grid with a zero point.
     unsigned: integer grid [0, 2^bits - 1] with zero point 0, for non-negative tensors (softmax outputs).
     granularity: one range per ``tensor``, per output ``channel`` (axis 0) or per ``group`` of ``group_size``
-    consecutive values along the flattened input dimension. nvfp4/mxfp4 are always blockwise.
+    consecutive values along the flattened input dimension. nvfp4/mxfp4 are always blockwise; quartz is always
+    per group (its stage-1 scales) and ``unsigned`` selects its variant for non-negative tensors.
+    lzs_group, rounding: QuaRTZ only (0 and "" for every other kind).
     """
 
     kind: str = "int"
@@ -36,6 +39,8 @@ class FormatSpec:
     unsigned: bool = False
     granularity: str = "tensor"
     group_size: int = 0
+    lzs_group: int = 0
+    rounding: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in FORMAT_KINDS:
@@ -48,6 +53,14 @@ class FormatSpec:
             )
         if self.granularity == "group" and self.kind == "int" and self.group_size < 1:
             raise ConfigError("granularity 'group' needs a positive group_size, e.g. group_size=64")
+        if self.kind == "quartz":
+            from qdiffuse.formats.quartz import check_quartz_groups
+
+            if self.granularity != "group":
+                raise ConfigError("QuaRTZ is per group; use granularity 'group' with group_size=64")
+            check_quartz_groups(self.group_size, self.lzs_group, self.rounding)
+        elif self.lzs_group or self.rounding:
+            raise ConfigError(f"lzs_group and rounding belong to the quartz format, not {self.kind}")
 
     @property
     def value_bits(self) -> int:
@@ -57,6 +70,28 @@ class FormatSpec:
         if self.kind.startswith("fp8"):
             return 8
         return 4
+
+    @property
+    def overhead_bits(self) -> float:
+        """Bits per value spent on scales and flags that vary along the reduction dimension (block scales,
+        group scales, QuaRTZ flags; float32 where this package stores float32). Per-tensor and per-channel
+        scales, a handful per row, are not counted."""
+        if self.kind == "nvfp4":
+            return 8 / 16
+        if self.kind == "mxfp4":
+            return 8 / 32
+        if self.kind == "quartz":
+            from qdiffuse.formats.quartz import FLAG_BITS
+
+            return FLAG_BITS / self.lzs_group + 32 / self.group_size
+        if self.granularity == "group":
+            return 32 / self.group_size * (1 if self.symmetric and not self.unsigned else 2)
+        return 0.0
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per value as stored: the value's own bits plus :attr:`overhead_bits`."""
+        return self.value_bits + self.overhead_bits
 
     @property
     def block_size(self) -> int:
@@ -79,9 +114,11 @@ class FormatSpec:
         return cls(**data)
 
     def describe(self) -> str:
-        """Short human label: ``int4-sym-channel``, ``fp8_e4m3-tensor``, ``nvfp4``."""
+        """Short human label: ``int4-sym-channel``, ``fp8_e4m3-tensor``, ``nvfp4``, ``quartz-g64-l16-nearest``."""
         if self.kind in BLOCK_SIZES:
             return self.kind
+        if self.kind == "quartz":
+            return f"quartz{'-u' if self.unsigned else ''}-g{self.group_size}-l{self.lzs_group}-{self.rounding}"
         if self.kind == "int":
             sign = "u" if self.unsigned else ("sym" if self.symmetric else "asym")
             gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity

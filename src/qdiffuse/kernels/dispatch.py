@@ -178,6 +178,9 @@ BACKENDS: tuple[Backend, ...] = (
 
 FALLBACK = Backend("dequant-fallback", lambda part: None, _build_dequant)
 
+KERNEL_WEIGHT_KINDS = ("int", "fp8_e4m3")
+"""Weight formats some backend above can run (on some device); others (NVFP4, MXFP4, QuaRTZ) always fall back."""
+
 
 def select_kernel(part: Part) -> tuple[WeightKernel, list[str]]:
     """The first backend that accepts ``part`` builds its kernel; the reasons of those that refused come back
@@ -188,6 +191,10 @@ def select_kernel(part: Part) -> tuple[WeightKernel, list[str]]:
         if problem is None:
             return backend.build(part), []
         reasons.append(f"{backend.name}: {problem}")
+    if part.spec.kind not in KERNEL_WEIGHT_KINDS:
+        return FALLBACK.build(part), [
+            f"no real kernel takes {part.spec.describe()} weights yet; their packed codes are decoded on every call"
+        ]
     # A backend made for another weight format says nothing useful about this part.
     relevant = [r for r in reasons if ": weights " not in r]
     return FALLBACK.build(part), relevant or reasons[-1:]

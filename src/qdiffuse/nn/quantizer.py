@@ -9,6 +9,8 @@ always take their block scales from the data, along the dimension the matmul red
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -25,10 +27,20 @@ from qdiffuse.formats import (
     int_bounds,
     int_qparams,
     nvfp4_global_scale,
+    pack_bits,
     round_e2m1,
     ungroup_view,
+    unpack_bits,
 )
 from qdiffuse.formats.fp8 import FP8_MAX
+from qdiffuse.formats.quartz import (
+    FLAG_BITS,
+    fake_quant_quartz,
+    quartz_decode,
+    quartz_encode,
+    quartz_scale,
+    search_quartz_scale,
+)
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.observers import make_observer
 
@@ -40,7 +52,9 @@ class WeightQuantizer(nn.Module):
 
     Buffers after :meth:`calibrate`: ``scale`` and ``zero_point`` (int: per tensor/channel/group; fp8: scale),
     ``block_scale`` (nvfp4: e4m3-valued per 16-block scale, with ``scale`` the fp32 tensor scale; mxfp4: the
-    power-of-two block scale).
+    power-of-two block scale; quartz: ``scale`` the stage-1 scales ``[C, n_groups, 1]`` and, once the weight is
+    encoded, ``lzs_flags``, the LZS flags packed three bits each: they are part of the stored code, since 4-bit
+    codes alone cannot say how far to shift).
     """
 
     def __init__(self, spec: FormatSpec, observer: str = "minmax") -> None:
@@ -50,6 +64,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("block_scale", None)
+        self.register_buffer("lzs_flags", None)
 
     @property
     def calibrated(self) -> bool:
@@ -65,6 +80,14 @@ class WeightQuantizer(nn.Module):
             amax = blocks.abs().amax(dim=-1, keepdim=True)
             exponent = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - 2
             self.block_scale = torch.exp2(exponent.clamp(-127, 127))
+            return
+        if spec.kind == "quartz":
+            rows = w.reshape(w.shape[0], -1)
+            args = (spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned)
+            self.scale = search_quartz_scale(rows, *args) if self.observer == "mse" else quartz_scale(
+                rows, spec.group_size, spec.unsigned
+            )
+            self.lzs_flags = None
             return
         obs = make_observer(self.observer, spec)
         obs.update(w)
@@ -92,6 +115,9 @@ class WeightQuantizer(nn.Module):
             safe = torch.where(step > 0, step, torch.ones_like(step))
             out = torch.where(step > 0, round_e2m1(blocks / safe) * step, torch.zeros_like(blocks))
             return _unblocks(out, weight.shape)
+        if spec.kind == "quartz":
+            rows = weight.reshape(weight.shape[0], -1)
+            return fake_quantize(rows, spec, self.scale).reshape(weight.shape)
         if spec.granularity == "group":
             grouped = group_view(weight, spec.group_size)
             out = fake_quantize(grouped, _as_tensor_spec(spec), self.scale, self.zero_point)
@@ -114,6 +140,12 @@ class WeightQuantizer(nn.Module):
             safe = torch.where(step > 0, step, torch.ones_like(step))
             values = torch.where(step > 0, round_e2m1(blocks / safe), torch.zeros_like(blocks))
             return e2m1_encode(values)
+        if spec.kind == "quartz":
+            rows = w.reshape(w.shape[0], -1)
+            args = (spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned)
+            codes, flags = quartz_encode(rows, self.scale, *args)
+            self.lzs_flags = pack_bits(flags, FLAG_BITS)
+            return codes
         if spec.kind.startswith("fp8"):
             view = group_view(w, spec.group_size) if spec.granularity == "group" else w
             scaled = (view / self.scale).clamp(-FP8_MAX[spec.kind], FP8_MAX[spec.kind])
@@ -131,6 +163,14 @@ class WeightQuantizer(nn.Module):
         if spec.kind in ("nvfp4", "mxfp4"):
             out = e2m1_decode(codes) * self._block_step()
             return _unblocks(out, shape)
+        if spec.kind == "quartz":
+            if self.lzs_flags is None:
+                raise RuntimeError("QuaRTZ codes decoded before encode() recorded their flags")
+            n_flags = codes.shape[-1] // spec.lzs_group
+            flags = unpack_bits(self.lzs_flags, FLAG_BITS, codes.shape[0] * n_flags).reshape(codes.shape[0], n_flags)
+            numel_row = math.prod(shape[1:])
+            args = (spec.group_size, spec.lzs_group, spec.unsigned)
+            return quartz_decode(codes, flags, self.scale, numel_row, *args).reshape(shape)
         if spec.kind.startswith("fp8"):
             values = dequantize_fp8(codes.view(FP8_DTYPES[spec.kind]), self.scale)
             return ungroup_view(values, shape) if spec.granularity == "group" else values.reshape(shape)
@@ -143,6 +183,9 @@ class WeightQuantizer(nn.Module):
         """Shape of :meth:`encode`'s output for a weight of ``shape``."""
         if self.spec.kind in ("nvfp4", "mxfp4"):
             return tuple(_blocks(torch.empty(shape, device="meta"), self.spec.block_size).shape)
+        if self.spec.kind == "quartz":
+            g = self.spec.group_size
+            return (shape[0], -(-math.prod(shape[1:]) // g) * g)
         if self.spec.granularity == "group":
             return tuple(group_view(torch.empty(shape, device="meta"), self.spec.group_size).shape)
         return tuple(shape)
@@ -162,6 +205,10 @@ class ActivationQuantizer(nn.Module):
         if spec.granularity != "tensor" and spec.kind in ("fp8_e4m3", "fp8_e5m2"):
             raise ConfigError(
                 f"activation format {spec.describe()} is not per tensor; FP8 activations use granularity 'tensor'"
+            )
+        if spec.kind == "quartz" and spec.unsigned:
+            raise ConfigError(
+                "unsigned QuaRTZ activations would clip every negative input to 0; use the signed variant"
             )
         if spec.kind == "int" and spec.granularity not in ("tensor", "group"):
             raise ConfigError(
@@ -191,10 +238,20 @@ class ActivationQuantizer(nn.Module):
         return self.scale is not None or not self.needs_calibration
 
     def start_calibration(self) -> None:
-        self._observer = make_observer(self.observer, self.spec) if self.needs_calibration else None
+        if not self.needs_calibration:
+            self._observer = None
+        elif self.spec.kind == "quartz":
+            self._observer = ChannelAbsMax(self.block_dim)
+        else:
+            self._observer = make_observer(self.observer, self.spec)
 
     def finish_calibration(self) -> None:
         if self._observer is None:
+            return
+        if isinstance(self._observer, ChannelAbsMax):
+            self.scale = quartz_scale(self._observer.amax()[None], self.spec.group_size)[0].float()
+            self.zero_point = None
+            self._observer = None
             return
         try:
             scale, zero_point = self._observer.compute_qparams()
@@ -222,6 +279,14 @@ class ActivationQuantizer(nn.Module):
             return fake_quantize(moved, spec, scale).movedim(-1, self.block_dim)
         if self.grouped:
             return grouped_fake_quant(x, spec, self.block_dim)
+        if spec.kind == "quartz":
+            dim = self.block_dim % x.dim()
+            scale = None
+            if not self.dynamic:
+                if self.scale is None:
+                    raise RuntimeError("static activation quantizer used before calibration")
+                scale = self.scale.reshape(-1, 1, *([1] * (x.dim() - 1 - dim)))
+            return fake_quant_quartz(x, scale, spec.group_size, spec.lzs_group, spec.rounding, dim=dim)
         if self.dynamic:
             scale, zero_point = dynamic_qparams(x.detach(), spec)
         else:
@@ -229,6 +294,28 @@ class ActivationQuantizer(nn.Module):
                 raise RuntimeError("static activation quantizer used before calibration")
             scale, zero_point = self.scale, self.zero_point
         return fake_quantize(x, spec, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype))
+
+
+class ChannelAbsMax:
+    """Running largest |x| per channel along ``dim``: the static QuaRTZ activation range, one stage-1 scale per
+    group of channels shared by every token."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._amax: Tensor | None = None
+
+    def update(self, x: Tensor) -> None:
+        check_finite(x, "calibration data")
+        amax = x.detach().float().abs().movedim(self.dim, -1).reshape(-1, x.shape[self.dim]).amax(dim=0)
+        self._amax = amax if self._amax is None else torch.maximum(self._amax, amax)
+
+    def amax(self) -> Tensor:
+        if self._amax is None:
+            raise DataError(
+                "an activation quantizer saw no calibration data; the calibration set does not reach every "
+                "quantized layer (check --labels/--guidance) or is empty"
+            )
+        return self._amax
 
 
 class SwitchableActivationQuantizer(nn.Module):

@@ -98,7 +98,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
                 formats[1],
                 config.softmax_spec(),
                 observer=observer,
-                dynamic=config.dynamic_activations,
+                dynamic=config.is_dynamic(name),
                 act_variants=config.activation_variants(name),
             )
             module.set_processor(processor)

@@ -6,6 +6,7 @@ with exit code 2, no traceback, and no output file left behind (outputs are writ
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -693,14 +694,18 @@ def main() -> None:
     from qdiffuse.allocator import keep_freed_memory
 
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     command = typer.main.get_command(app)
     try:
-        command.main(args=sys.argv[1:], prog_name="qdiffuse", standalone_mode=False)
+        code = command.main(args=sys.argv[1:], prog_name="qdiffuse", standalone_mode=False)
     except QDiffuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("error: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         if _is_a(exc, "NoArgsIsHelpError"):
@@ -711,9 +716,22 @@ def main() -> None:
             print(f"error: {message} (see qdiffuse --help)", file=sys.stderr)
             sys.exit(2)
         if _is_a(exc, "Abort"):
-            print("error: interrupted", file=sys.stderr)
+            print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
             sys.exit(130)
         raise
+    # typer turns Ctrl-C into a returned exit code (130) once the command has unwound (outputs cleaned up)
+    if isinstance(code, int) and code:
+        if code == 130:
+            print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        sys.exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every atomic output cleans up on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -395,10 +395,17 @@ def test_existing_output_is_untouched_then_overwritten(
     assert_user_error(run("sample", folders["unet-q"], "--out", out2, "--grid", grid, "-q"), "already exists")
     assert grid.read_bytes() == b"old grid" and not out2.exists()
 
-    res = run(*args, "--overwrite")
+    # --overwrite replaces only samples qdiffuse wrote, never a file of anything else
+    assert_user_error(run(*args, "--overwrite"), "not a samples .npz qdiffuse wrote")
+    assert out.read_bytes() == b"precious results \x00\x01"
+    out.unlink()
+    assert run(*args).code == 0
+    first = out.read_bytes()
+    res = run(*args[:-1], "--seed", 1, "-q", "--overwrite")
     assert res.code == 0, res.stderr
     with np.load(out) as f:
         assert f["arr_0"].shape == (2, 16, 16, 1)
+    assert out.read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "s.npz"]
 
 
@@ -411,9 +418,14 @@ def test_existing_quantize_folder_is_untouched_then_overwritten(
     args = ("quantize", folders["dit"], "--out", qfolder, *CALIB, "-q")
     assert_user_error(run(*args), "already exists")
     assert _files(qfolder) == ["notes.txt"] and (qfolder / "notes.txt").read_text() == "mine"
-    res = run(*args, "--overwrite")
+    # a folder of the user's own files is never replaced, not even with --overwrite
+    assert_user_error(run(*args, "--overwrite"), "not a quantized model folder qdiffuse wrote")
+    assert _files(qfolder) == ["notes.txt"] and (qfolder / "notes.txt").read_text() == "mine"
+    (qfolder / "notes.txt").unlink()
+    assert run(*args, "--overwrite").code == 0  # an empty folder holds nothing to lose
+    res = run(*args, "--overwrite", "--scheme", "w4a8")  # a quantized folder is replaced by a new one
     assert res.code == 0, res.stderr
-    assert is_quantized_folder(qfolder) and not (qfolder / "notes.txt").exists()
+    assert is_quantized_folder(qfolder) and "w4a8" in (qfolder / QUANT_JSON).read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 

@@ -71,6 +71,12 @@ class SamplerSetting:
     steps: int
     eta: float = 0.0
 
+    def __post_init__(self) -> None:
+        from qdiffuse.sampling.schedulers import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"bench sampler {self.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")
+
     @property
     def key(self) -> str:
         return f"{self.sampler}{self.steps}-eta{self.eta:g}"
@@ -128,6 +134,15 @@ class QuantSetting:
         return self.correct_noise or self.method in NOISE_CORRECTING_METHODS
 
 
+MIN_BENCH_SAMPLES = 4
+"""Below precision/recall's k + 1 neighbours (k = 3, :func:`qdiffuse.eval.evaluate.evaluate_samples`) no metric
+can be computed; FID itself needs thousands to mean much."""
+
+CONFIG_KEYS = frozenset(
+    {"name", "models", "samplers", "quant", "num", "seed", "guidance", "batch_size", "calib", "analysis_num", "runtime"}
+)
+
+
 @dataclass
 class BenchConfig:
     name: str
@@ -148,6 +163,16 @@ class BenchConfig:
         from qdiffuse.kernels import check_runtime
 
         check_runtime(self.runtime)
+        if self.num < MIN_BENCH_SAMPLES:
+            raise ConfigError(
+                f"bench config {self.name}: num {self.num} is too few samples for FID and precision/recall; use at "
+                f"least {MIN_BENCH_SAMPLES} (the field reports 10k-50k)"
+            )
+        # every count and setting a cell will use, checked now rather than after the first cell's sampling
+        SampleRequest(num=self.num, seed=self.seed, guidance=self.guidance, batch_size=self.batch_size)
+        SampleRequest(num=self.analysis_num, seed=self.seed, guidance=self.guidance, batch_size=self.batch_size)
+        for s in self.samplers:
+            SampleRequest(num=self.num, steps=s.steps, sampler=s.sampler, eta=s.eta)
         unknown = _unknown_config_fields(self.calib)
         if unknown:
             raise ConfigError(
@@ -159,6 +184,13 @@ class BenchConfig:
     def load(cls, path: Path) -> BenchConfig:
         try:
             data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise TypeError("the file must hold a JSON object")
+            unknown = sorted(set(data) - CONFIG_KEYS)
+            if unknown:
+                raise ConfigError(
+                    f"bench config {path}: unknown keys {unknown}; use {', '.join(sorted(CONFIG_KEYS))}"
+                )
             return cls(
                 name=data["name"],
                 models=list(data["models"]),

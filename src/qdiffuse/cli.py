@@ -62,6 +62,11 @@ def parse_pair(text: str, flag: str) -> tuple[float, float]:
     return first, second
 
 
+def _input_paths(*sources: str | Path | None) -> list[Path]:
+    """The command's inputs that are files or folders on disk (built-in names are not): never valid outputs."""
+    return [Path(s) for s in sources if s is not None and Path(s).exists()]
+
+
 def check_sampler(name: str, flag: str) -> None:
     """Reject an unknown sampler name before any model is loaded."""
     from qdiffuse.sampling.schedulers import SAMPLERS
@@ -195,7 +200,7 @@ def quantize(
     """Quantize a model with time-step-aware calibration and save it as a folder."""
     _setup(quiet)
     from qdiffuse.config import DEFAULT_FP_INPUT, DEFAULT_KEEP_8BIT, QuantConfig
-    from qdiffuse.fsutil import check_output_path
+    from qdiffuse.fsutil import QUANTIZED_FOLDER, check_output_path
     from qdiffuse.pipeline import quantize_folder
     from qdiffuse.sampling.loop import SampleRequest
 
@@ -232,7 +237,7 @@ def quantize(
         recon_blocks=recon_blocks,
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
     )
-    check_output_path(out, overwrite)
+    check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))
     label_list = parse_labels(labels)
     analysis = SampleRequest(
         num=analysis_num,
@@ -308,7 +313,7 @@ def sample(
     """Sample images; the same seed gives the same noise for FP and quantized models."""
     _setup(quiet)
     from qdiffuse.api import quant_state
-    from qdiffuse.fsutil import check_output_path
+    from qdiffuse.fsutil import PNG, SAMPLES, check_output_path
     from qdiffuse.imageio import save_grid, save_samples
     from qdiffuse.noise.correction import PTQDOptions
     from qdiffuse.pipeline import load_any, sampling_hooks
@@ -325,9 +330,10 @@ def sample(
         guidance=guidance,
         batch_size=batch_size,
     )
-    check_output_path(out, overwrite)
+    inputs = _input_paths(model, condition, fp_model)
+    check_output_path(out, overwrite, SAMPLES, inputs)
     if grid is not None:
-        check_output_path(grid, overwrite)
+        check_output_path(grid, overwrite, PNG, inputs)
     from qdiffuse.kernels import check_runtime, runtime_report
 
     check_runtime(runtime)
@@ -342,9 +348,9 @@ def sample(
 
     images, image_labels = run_sample(loaded.denoiser, loaded.scheduler_config, request, cond, **hooks)
     arr = to_uint8(images).numpy()
-    save_samples(out, arr, image_labels, overwrite)
+    save_samples(out, arr, image_labels, overwrite, inputs)
     if grid is not None:
-        save_grid(grid, arr, overwrite)
+        save_grid(grid, arr, overwrite, inputs=inputs)
     typer.echo(f"wrote {out} ({arr.shape[0]} images)")
     if quant_state(loaded.denoiser.model) is not None:
         typer.echo(runtime_report(loaded.denoiser.model).summary())
@@ -372,7 +378,7 @@ def analyze(
     _setup(quiet)
     import json
 
-    from qdiffuse.fsutil import atomic_dir, check_output_path
+    from qdiffuse.fsutil import REPORT_FOLDER, atomic_dir, check_output_path
     from qdiffuse.io import is_quantized_folder
     from qdiffuse.noise.correction import PTQDCorrector
     from qdiffuse.noise.pipeline import analyze_quantized
@@ -385,7 +391,8 @@ def analyze(
     if not is_quantized_folder(folder):
         raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
     check_sampler(sampler, "--sampler")
-    check_output_path(out, overwrite)
+    inputs = _input_paths(str(folder), condition, fp_model)
+    check_output_path(out, overwrite, REPORT_FOLDER, inputs)
     device = resolve_device(device)
     request = SampleRequest(
         num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, labels=parse_labels(labels),
@@ -405,7 +412,7 @@ def analyze(
         hooks["on_step"] = PlanSwitcher(plan, quantized.denoiser.model).on_step
     run_sample(quantized.denoiser, quantized.scheduler_config, probe, cond, description="variance bookkeeping",
                **hooks)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, REPORT_FOLDER, inputs) as tmp:
         (tmp / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
         (tmp / "variance_calibration.json").write_text(json.dumps(corrector.summary(), indent=2))
         report = write_report(stats, tmp, corrector.summary())
@@ -574,10 +581,10 @@ def evaluate(
     import json
 
     from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples, format_table, load_samples
-    from qdiffuse.fsutil import atomic_file, check_output_path
+    from qdiffuse.fsutil import JSON, atomic_file, check_output_path
 
     if json_out is not None:
-        check_output_path(json_out, overwrite)
+        check_output_path(json_out, overwrite, JSON, inputs=[samples])
     device = resolve_device(device)
     images, labels = load_samples(samples)
     extractor = "inception" if inception is not None else "classifier"
@@ -591,7 +598,7 @@ def evaluate(
         results["fidelity"] = compare_to_fp(fp_images, images, inception_weights=inception, device=device)
     typer.echo(format_table(results))
     if json_out is not None:
-        with atomic_file(json_out, overwrite) as tmp:
+        with atomic_file(json_out, overwrite, JSON, inputs=[samples]) as tmp:
             tmp.write_text(json.dumps(results, indent=2, default=float))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from qdiffuse.errors import ConfigError
 from qdiffuse.formats.spec import FormatSpec
+from qdiffuse.validate import MAX_SEED, check_number
 
 METHODS = ("minmax", "mse", "mse+bias", "ptqd", "qdiffusion", "qdiffusion+ptqd", "gptq", "gptq+ptqd")
 """minmax/mse: round-to-nearest PTQ with that range search. mse+bias: mse, then empirical bias correction (each
@@ -205,6 +206,32 @@ class QuantConfig:
     recon_checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
+        for flag, value, low, high, low_open in (
+            ("--guard-db", self.guard_db, 0.0, 1000.0, False),
+            ("--recon-lr", self.recon_lr_round, 0.0, 10.0, True),
+            ("--recon-act-lr", self.recon_lr_act, 0.0, 10.0, True),
+            ("--recon-reg", self.recon_round_reg, 0.0, 1e6, False),
+            ("--recon-beta", self.recon_beta[0] if self.recon_beta else 1.0, 0.0, 1e4, True),
+            ("--recon-beta", self.recon_beta[-1] if self.recon_beta else 1.0, 0.0, 1e4, True),
+            ("--recon-warmup", self.recon_warmup, 0.0, 1.0, False),
+        ):
+            check_number(value, flag, low, high, low_open)
+        for flag, value, high in (
+            ("--calib-steps", self.calib_steps, 10**5),
+            ("--calib-per-step", self.calib_per_step, 10**6),
+            ("--calib-inference-steps", self.calib_num_inference_steps, 10**5),
+            ("--recon-iters", self.recon_iters, 10**7),
+            ("--recon-act-iters", self.recon_act_iters, 10**7),
+            ("--recon-batch-size", self.recon_batch_size, 10**6),
+            ("--recon-samples", self.recon_max_samples, 10**7),
+            ("--seed", self.seed, MAX_SEED),
+        ):
+            check_number(value, flag, 0, high, integer=True)
+        if self.calib_steps > self.calib_num_inference_steps:
+            raise ConfigError(
+                f"--calib-steps {self.calib_steps} exceeds the calibration sampler's {self.calib_num_inference_steps} "
+                "steps; use at most that many, or raise --calib-inference-steps"
+            )
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.outliers not in OUTLIER_MODES:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from qdiffuse.bench import Bench, BenchConfig, QuantSetting, SamplerSetting
-from qdiffuse.fsutil import atomic_dir
+from qdiffuse.fsutil import DEMO_FOLDER, atomic_dir
 from qdiffuse.imageio import save_grid
 
 DEMO_RUNS = (("w8a8", "minmax"), ("w4a8", "mse"), ("w4a8", "ptqd"))
@@ -53,7 +53,7 @@ def run_demo(
         analysis_num=analysis_num,
         runtime=runtime,
     )
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, DEMO_FOLDER) as tmp:
         rows = Bench(config, tmp / "bench", device).run()
         for row in rows:
             name = "fp" if row["quant"] == "FP" else row["quant"]

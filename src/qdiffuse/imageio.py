@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
-from qdiffuse.fsutil import atomic_file
+from qdiffuse.fsutil import PNG, SAMPLES, atomic_file
 
 
-def save_samples(path: Path, images: np.ndarray, labels: Tensor | np.ndarray | None, overwrite: bool = False) -> None:
+def save_samples(
+    path: Path,
+    images: np.ndarray,
+    labels: Tensor | np.ndarray | None,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+) -> None:
     arrays = {"arr_0": images}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    with atomic_file(path, overwrite) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path, overwrite, SAMPLES, inputs) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
 
@@ -32,14 +39,16 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
     return grid
 
 
-def save_grid(path: Path, images: np.ndarray, overwrite: bool = False, ncol: int | None = None) -> None:
+def save_grid(
+    path: Path, images: np.ndarray, overwrite: bool = False, ncol: int | None = None, inputs: Iterable[str | Path] = ()
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = make_grid(images, ncol)
-    with atomic_file(path, overwrite) as tmp:
+    with atomic_file(path, overwrite, PNG, inputs) as tmp:
         if grid.shape[-1] == 1:
             plt.imsave(tmp, grid[..., 0], cmap="gray", vmin=0, vmax=255, format="png")
         else:

@@ -17,6 +17,7 @@ from qdiffuse.errors import ConfigError
 from qdiffuse.io import is_quantized_folder, load_quantized, save_quantized
 from qdiffuse.models.loading import LoadedModel, load_model_folder
 from qdiffuse.sampling.loop import SampleRequest
+from qdiffuse.validate import check_number
 
 COST_FILE = "cost.json"
 
@@ -47,6 +48,7 @@ def quantize_folder(
     Mixed-precision schemes get their per-step plan, and ``--method ptqd`` its noise statistics, both measured
     on ``analysis`` (the sampling setting the user will use) against a fresh FP copy of the model.
     """
+    check_number(snr_margin, "--snr-margin", 0.0, 1e6, low_open=True)
     loaded = load_model_folder(model, device)
     quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=labels, cond=cond,
              batch_size=batch_size)

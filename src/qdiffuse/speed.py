@@ -670,7 +670,7 @@ def speed_command(
 ) -> str:
     """What ``qdiffuse speed`` does, from its raw options: validate everything (and the output path) first, time,
     write the JSON, return the Markdown table."""
-    from qdiffuse.fsutil import check_output_path
+    from qdiffuse.fsutil import JSON, check_output_path
 
     settings = SpeedSettings(
         models=tuple(models) if models else BUILTIN_SPEED_MODELS,
@@ -684,7 +684,7 @@ def speed_command(
         compile=compile,
     )
     if json_out is not None:
-        check_output_path(json_out, overwrite)
+        check_output_path(json_out, overwrite, JSON)
     result = run_speed(settings, log)
     if json_out is not None:
         write_json(result, json_out, overwrite)
@@ -693,9 +693,9 @@ def speed_command(
 
 def write_json(result: SpeedResult, path: Path, overwrite: bool = False) -> None:
     """Write the result atomically (a temporary sibling renamed into place)."""
-    from qdiffuse.fsutil import atomic_file
+    from qdiffuse.fsutil import JSON, atomic_file
 
-    with atomic_file(path, overwrite) as tmp:
+    with atomic_file(path, overwrite, JSON) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2))
 
 

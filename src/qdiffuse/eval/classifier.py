@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qdiffuse.errors import ConfigError, DataError, ModelLoadError
-from qdiffuse.fsutil import atomic_dir, check_output_path
+from qdiffuse.fsutil import CLASSIFIER_FOLDER, atomic_dir, check_output_path
 from qdiffuse.models.fmnist import (
     DEFAULT_DATA_DIR,
     FMNIST_CLASSES,
@@ -305,7 +305,7 @@ def train_classifier(
         raise ConfigError(f"epochs={epochs} and batch_size={batch_size} must be positive; pass values >= 1")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    check_output_path(out_dir, overwrite)  # fail before training, not after
+    check_output_path(out_dir, overwrite, CLASSIFIER_FOLDER)  # fail before training, not after
 
     x_train, y_train = load_fmnist("train", data_dir)
     x_test, y_test = load_fmnist("test", data_dir)
@@ -354,7 +354,7 @@ def train_classifier(
         "reference": {"split": "test", "num_images": int(x_test.shape[0]), "features_dtype": "float16"},
     }
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind=CLASSIFIER_FOLDER) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"architecture": ARCHITECTURE})
         save_file(

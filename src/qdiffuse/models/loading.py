@@ -140,6 +140,9 @@ def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
     load_safetensors_into(module, weights, str(folder / sub))
     module.to(device).eval()
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
+    from qdiffuse.sampling.schedulers import check_schedule
+
+    check_schedule(scheduler_config)
     meta = read_json(folder / META_FILE, "qdiffuse.json") if (folder / META_FILE).is_file() else {}
     denoiser = Denoiser.from_model(module, meta)
     source = str(folder.resolve()) if Path(model).exists() else str(model)

@@ -36,6 +36,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
 from qdiffuse.errors import ConfigError, DataError, ModelLoadError, OutputError
+from qdiffuse.fsutil import MARKER, MODEL_FOLDER, check_output_path
 from qdiffuse.models.architectures import (
     IMAGE_SIZE,
     IN_CHANNELS,
@@ -118,7 +119,7 @@ def _hardware(dev: torch.device) -> str:
     return f"CPU: {cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Fail before training, not after it, when the result could not be written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} is a file; choose a folder path that does not exist")
@@ -131,6 +132,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {parent} ({exc}); choose a writable output folder") from exc
     if not os.access(parent, os.W_OK):
         raise OutputError(f"folder {parent} is not writable; choose a writable output folder")
+    check_output_path(out_dir, overwrite, MODEL_FOLDER, inputs)
 
 
 def _validate(
@@ -319,6 +321,7 @@ def _write_folder(
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished folder into place; an existing one is swapped out only once the new one is whole."""
+    (tmp / MARKER).write_text(MODEL_FOLDER.name + "\n")
     old = None
     if out_dir.exists():
         if not overwrite:
@@ -371,7 +374,7 @@ def train_diffusion(
         raise ConfigError(f"unknown lr schedule {lr_schedule!r}; use 'cosine' or 'constant'")
     dev = _resolve_device(device)
     out_dir = Path(out_dir).expanduser().resolve()
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, [Path(init_from)] if init_from else [])
     warmup = min(500, max(1, steps // 20)) if warmup_steps is None else max(1, int(warmup_steps))
 
     torch.manual_seed(seed)

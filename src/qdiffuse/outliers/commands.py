@@ -62,7 +62,7 @@ def sensitivity_command(
     from qdiffuse.api import quantize
     from qdiffuse.calibration.collect import collect_calibration
     from qdiffuse.config import QuantConfig
-    from qdiffuse.fsutil import atomic_file, check_output_path
+    from qdiffuse.fsutil import JSON, atomic_file, check_output_path
     from qdiffuse.io import is_quantized_folder, load_quantized
     from qdiffuse.models.loading import load_model_folder
     from qdiffuse.nn.rewrite import set_quantization_enabled
@@ -73,7 +73,7 @@ def sensitivity_command(
     if num < 1:
         raise ConfigError(f"--num {num} must be at least 1")
     if json_out is not None:
-        check_output_path(json_out, overwrite)
+        check_output_path(json_out, overwrite, JSON)
     if is_quantized_folder(model):
         loaded = load_quantized(model, device, runtime="simulated")
         set_quantization_enabled(loaded.denoiser.model, False)
@@ -100,7 +100,7 @@ def sensitivity_command(
         *format_rows(rows),
     ]
     if json_out is not None:
-        with atomic_file(json_out, overwrite) as tmp:
+        with atomic_file(json_out, overwrite, JSON) as tmp:
             tmp.write_text(json.dumps({"headline": headline, "rows": [r.to_dict() for r in rows]}, indent=2))
     return "\n".join(lines) + "\n"
 

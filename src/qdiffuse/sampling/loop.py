@@ -9,6 +9,7 @@ can be compared image by image. Hooks let calibration record the network inputs 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.noise.schedule import scaled_noise
 from qdiffuse.progress import progress_bar
 from qdiffuse.sampling.schedulers import make_scheduler, validate_steps
+from qdiffuse.validate import MAX_SEED, check_fits_in_memory, check_number
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor | None, Tensor | None], None]
 """on_step(step_index, t, network_x, network_labels, network_cond), called before every network call."""
@@ -30,6 +32,10 @@ EpsHook = Callable[[int, Tensor, Tensor], Tensor]
 
 NoiseHook = Callable[[int, Tensor, Any, Tensor, Tensor, dict], float]
 """noise_hook(step_index, t, scheduler, x, eps, step_kwargs) -> factor on the noise the step injects."""
+
+
+MAX_SAMPLES = 10**8
+"""More samples than any evaluation uses (50k is the field's FID standard); beyond it, a typo."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,25 @@ class SampleRequest:
     def __post_init__(self) -> None:
         if self.num <= 0:
             raise ConfigError(f"--num {self.num} must be positive")
+        check_number(self.num, "--num", 1, MAX_SAMPLES, integer=True)
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size {self.batch_size} must be positive")
+        check_number(self.batch_size, "--batch-size", 1, MAX_SAMPLES, integer=True)
+        if self.steps <= 0:
+            raise ConfigError(f"--steps {self.steps} must be positive")
         if self.eta < 0:
             raise ConfigError(f"--eta {self.eta} must be >= 0")
+        check_number(self.eta, "--eta", 0.0, 1.0)  # DDIM: sigma_t > sqrt(1 - alpha_bar) beyond 1, NaN images
+        check_number(self.guidance, "--guidance", 0.0, 100.0)
+        check_number(self.seed, "--seed", 0, MAX_SEED, integer=True)
+
+    def check_fits(self, sample_shape: tuple[int, ...]) -> None:
+        """The finished images (float32, then uint8) must fit in memory: fail before sampling, not after."""
+        per_sample = math.prod(sample_shape) * (4 + 1)
+        check_fits_in_memory(
+            self.num * per_sample, f"--num {self.num} samples of shape {tuple(sample_shape)}",
+            "sample fewer and run several seeds",
+        )
 
 
 def resolve_labels(denoiser: Denoiser, labels: Sequence[int] | None, num: int) -> Tensor | None:
@@ -125,6 +146,8 @@ def sample(
     description: str = "sampling",
 ) -> tuple[Tensor, Tensor | None]:
     """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels."""
+    request.check_fits(denoiser.sample_shape)
+    validate_steps(make_scheduler(request.sampler, scheduler_config), request.steps)
     labels = resolve_labels(denoiser, request.labels, request.num)
     cond = stub_condition(denoiser, request.num) if cond is None else check_condition(denoiser, cond, request.num)
     device = denoiser.device

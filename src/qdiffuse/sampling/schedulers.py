@@ -44,7 +44,21 @@ def make_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Any:
         schedule["set_alpha_to_one"] = model_scheduler_config.get("set_alpha_to_one", False)
     if name == "euler":
         schedule["timestep_spacing"] = "trailing"
-    return cls(**schedule, **extra)
+    try:
+        return cls(**schedule, **extra)
+    except (NotImplementedError, ValueError, TypeError, KeyError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"the model's scheduler settings cannot build {class_name} ({reason[:200]}); fix "
+            "scheduler/scheduler_config.json (beta_schedule: linear, scaled_linear or squaredcos_cap_v2)"
+        ) from None
+
+
+def check_schedule(model_scheduler_config: dict[str, Any]) -> None:
+    """Fail when a model folder is read, not after calibration, if its schedule cannot make a sampler."""
+    if not isinstance(model_scheduler_config, dict):
+        raise ConfigError("scheduler/scheduler_config.json must hold a JSON object; re-save the model folder")
+    make_scheduler("ddpm", model_scheduler_config)
 
 
 def validate_steps(scheduler: Any, steps: int) -> None:
@@ -53,4 +67,4 @@ def validate_steps(scheduler: Any, steps: int) -> None:
         raise ConfigError(f"--steps {steps} is out of range; use 1 to {total} (the model's training timesteps)")
 
 
-__all__ = ["SAMPLERS", "make_scheduler", "validate_steps"]
+__all__ = ["SAMPLERS", "make_scheduler", "check_schedule", "validate_steps"]

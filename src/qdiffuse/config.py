@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qdiffuse.errors import ConfigError
+from qdiffuse.formats.quartz import LZS_GROUP, STAGE1_GROUP
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.validate import MAX_SEED, check_number
 
@@ -44,8 +45,6 @@ def _int_acts(bits: int) -> FormatSpec:
 
 
 def _quartz() -> FormatSpec:
-    from qdiffuse.formats.quartz import LZS_GROUP, STAGE1_GROUP
-
     return FormatSpec(
         kind="quartz", bits=4, granularity="group", group_size=STAGE1_GROUP, lzs_group=LZS_GROUP, rounding="nearest"
     )

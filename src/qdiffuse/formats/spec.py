@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from qdiffuse.errors import ConfigError
+from qdiffuse.formats.quartz import FLAG_BITS, check_quartz_groups
 
 FORMAT_KINDS = ("int", "fp8_e4m3", "fp8_e5m2", "nvfp4", "mxfp4", "quartz")
 GRANULARITIES = ("tensor", "channel", "group")
@@ -54,8 +55,6 @@ class FormatSpec:
         if self.granularity == "group" and self.kind == "int" and self.group_size < 1:
             raise ConfigError("granularity 'group' needs a positive group_size, e.g. group_size=64")
         if self.kind == "quartz":
-            from qdiffuse.formats.quartz import check_quartz_groups
-
             if self.granularity != "group":
                 raise ConfigError("QuaRTZ is per group; use granularity 'group' with group_size=64")
             check_quartz_groups(self.group_size, self.lzs_group, self.rounding)
@@ -81,8 +80,6 @@ class FormatSpec:
         if self.kind == "mxfp4":
             return 8 / 32
         if self.kind == "quartz":
-            from qdiffuse.formats.quartz import FLAG_BITS
-
             return FLAG_BITS / self.lzs_group + 32 / self.group_size
         if self.granularity == "group":
             return 32 / self.group_size * (1 if self.symmetric and not self.unsigned else 2)

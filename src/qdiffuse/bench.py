@@ -179,6 +179,8 @@ class BenchConfig:
                 f"bench config {self.name}: unknown 'calib' fields {unknown}; use QuantConfig fields such "
                 "as calib_steps"
             )
+        for quant in self.quant:  # every cell's quantization settings, before the first cell runs
+            QuantConfig.from_scheme(quant.scheme, method=quant.method, seed=self.seed, **{**self.calib, **quant.config})
 
     @classmethod
     def load(cls, path: Path) -> BenchConfig:
@@ -206,6 +208,8 @@ class BenchConfig:
             )
         except FileNotFoundError:
             raise ConfigError(f"bench config {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"bench config {path} cannot be read ({exc.strerror or exc}); pass a JSON file") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bench config {path} is malformed ({exc}); see benchmarks/*.json") from None
 

@@ -25,6 +25,12 @@ app = typer.Typer(
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+NoVerify = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify", help="Load a quantized folder without checking its content hashes (its claims still are)."
+    ),
+]
 Runtime = Annotated[
     str,
     typer.Option(
@@ -238,6 +244,8 @@ def quantize(
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
     )
     check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))
+    if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise ConfigError(f"--checkpoint-dir {checkpoint_dir} is a file; pass a folder (created if missing)")
     label_list = parse_labels(labels)
     analysis = SampleRequest(
         num=analysis_num,
@@ -308,6 +316,7 @@ def sample(
     runtime: Runtime = "real",
     device: Device = "auto",
     overwrite: Overwrite = False,
+    no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
     """Sample images; the same seed gives the same noise for FP and quantized models."""
@@ -338,7 +347,7 @@ def sample(
 
     check_runtime(runtime)
     device = resolve_device(device)
-    loaded = load_any(model, device, runtime)
+    loaded = load_any(model, device, runtime, verify=not no_verify)
     cond = load_condition(condition)
     options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
     hooks = sampling_hooks(
@@ -372,6 +381,7 @@ def analyze(
     batch_size: int = 64,
     device: Device = "auto",
     overwrite: Overwrite = False,
+    no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
     """Measure PTQD noise statistics per step, store them in the folder and write a report."""
@@ -399,13 +409,13 @@ def analyze(
         guidance=guidance, batch_size=batch_size,
     )
     cond = load_condition(condition)
-    stats = analyze_quantized(folder, request, fp_model, cond, device)
+    stats = analyze_quantized(folder, request, fp_model, cond, device, verify=not no_verify)
     corrector = PTQDCorrector(stats)
     probe = SampleRequest(num=1, steps=steps, sampler=sampler, eta=eta, seed=seed, labels=request.labels,
                           guidance=guidance, batch_size=1)
     from qdiffuse.io import load_quantized
 
-    quantized = load_quantized(folder, device)
+    quantized = load_quantized(folder, device, verify=not no_verify)
     hooks = corrector.hooks()
     plan = load_plan(folder)
     if plan is not None:
@@ -427,6 +437,7 @@ def info(
         bool,
         typer.Option("--runtime", help="Per layer: its kernel, bytes in memory and, for a fallback, why."),
     ] = False,
+    no_verify: NoVerify = False,
 ) -> None:
     """Print scheme, size, memory, kernels, compute, precision plan and per-layer formats of a quantized folder."""
     import json
@@ -435,6 +446,10 @@ def info(
 
     if not is_quantized_folder(folder):
         raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
+    from qdiffuse.io import load_quantized
+    from qdiffuse.kernels import model_bytes, runtime_report
+
+    model = load_quantized(folder, "cpu", verify=not no_verify).denoiser.model  # a bad folder fails before any line
     desc = describe_folder(folder)
     mib = 1024 * 1024
     typer.echo(f"folder:     {desc['path']}")
@@ -446,10 +461,6 @@ def info(
         f"size:       {desc['bytes_on_disk'] / mib:.2f} MiB on disk "
         f"(FP32 {desc['fp32_bytes'] / mib:.2f} MiB, {ratio:.2f}x smaller)"
     )
-    from qdiffuse.io import load_quantized
-    from qdiffuse.kernels import model_bytes, runtime_report
-
-    model = load_quantized(folder, "cpu").denoiser.model
     report = runtime_report(model)
     memory = model_bytes(model)["total"]
     typer.echo(

@@ -8,7 +8,7 @@ round-trips through JSON so a saved model folder describes itself.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from qdiffuse.errors import ConfigError
@@ -226,11 +226,6 @@ class QuantConfig:
             ("--seed", self.seed, MAX_SEED),
         ):
             check_number(value, flag, 0, high, integer=True)
-        if self.calib_steps > self.calib_num_inference_steps:
-            raise ConfigError(
-                f"--calib-steps {self.calib_steps} exceeds the calibration sampler's {self.calib_num_inference_steps} "
-                "steps; use at most that many, or raise --calib-inference-steps"
-            )
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.outliers not in OUTLIER_MODES:
@@ -285,6 +280,9 @@ class QuantConfig:
         ``method=None`` takes the scheme's recommended method (:data:`RECOMMENDED_METHODS`). ``lzs_group`` and
         ``lzs_rounding`` set the QuaRTZ variant of a ``quartz-*`` scheme's QuaRTZ formats."""
         method = RECOMMENDED_METHODS.get(scheme, "minmax") if method is None else method
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown quantization settings {unknown}; see QuantConfig's fields")
         if scheme in MIXED_SCHEMES:
             base, bits = MIXED_SCHEMES[scheme]
             kwargs.setdefault("mixed_activation_bits", bits)

@@ -14,18 +14,18 @@ from torch import Tensor
 from qdiffuse.api import quant_state, quantize
 from qdiffuse.config import QuantConfig
 from qdiffuse.errors import ConfigError
-from qdiffuse.io import is_quantized_folder, load_quantized, save_quantized
+from qdiffuse.fsutil import QUANTIZED_FOLDER, check_output_path
+from qdiffuse.io import COST_FILE, is_quantized_folder, load_quantized, save_quantized
 from qdiffuse.models.loading import LoadedModel, load_model_folder
 from qdiffuse.sampling.loop import SampleRequest
 from qdiffuse.validate import check_number
 
-COST_FILE = "cost.json"
 
-
-def load_any(model: str | Path, device: str = "cpu", runtime: str = "real") -> LoadedModel:
-    """A quantized folder (on the ``runtime`` asked for), a diffusers folder or a built-in name."""
+def load_any(model: str | Path, device: str = "cpu", runtime: str = "real", verify: bool = True) -> LoadedModel:
+    """A quantized folder (on the ``runtime`` asked for; content hashes checked unless ``verify`` is False), a
+    diffusers folder or a built-in name."""
     if is_quantized_folder(model):
-        return load_quantized(model, device, runtime)
+        return load_quantized(model, device, runtime, verify=verify)
     return load_model_folder(model, device)
 
 
@@ -49,6 +49,7 @@ def quantize_folder(
     on ``analysis`` (the sampling setting the user will use) against a fresh FP copy of the model.
     """
     check_number(snr_margin, "--snr-margin", 0.0, 1e6, low_open=True)
+    check_output_path(Path(out), overwrite, QUANTIZED_FOLDER, inputs=[model] if Path(model).exists() else [])
     loaded = load_model_folder(model, device)
     quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=labels, cond=cond,
              batch_size=batch_size)

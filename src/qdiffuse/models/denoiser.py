@@ -49,8 +49,10 @@ class Denoiser:
         kind = MODEL_KINDS[name]
         config = model.config
         sample_size = config.sample_size
-        if isinstance(sample_size, (list, tuple)):
+        if isinstance(sample_size, (list, tuple)) and sample_size:
             sample_size = sample_size[0]
+        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+            raise ConfigError(f"the model config's sample_size {sample_size!r} must be a positive integer (e.g. 32)")
         num_classes = null_class = None
         if kind == "dit":
             num_classes = config.num_embeds_ada_norm

@@ -59,6 +59,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ModelLoadError(f"{what} is missing: {path}; the folder must hold it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{what} {path} nests too deeply to be a config; restore the file") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{what} {path} cannot be read ({exc.strerror or exc}); it must be a file") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{what} {path} must hold a JSON object")
     return data
@@ -102,7 +106,7 @@ def build_model(config: dict[str, Any], where: str, meta: bool = False) -> nn.Mo
     import diffusers
 
     class_name = config.get("_class_name")
-    if class_name not in MODEL_KINDS:
+    if not isinstance(class_name, str) or class_name not in MODEL_KINDS:
         raise ModelLoadError(
             f"{where}: model class {class_name!r} is not supported; use one of {', '.join(MODEL_KINDS)}"
         )

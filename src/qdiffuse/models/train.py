@@ -125,14 +125,12 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise OutputError(f"output path {out_dir} is a file; choose a folder path that does not exist")
     if out_dir.exists() and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists; choose another path or pass --overwrite")
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {parent} ({exc}); choose a writable output folder") from exc
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"folder {parent} is not writable; choose a writable output folder")
-    check_output_path(out_dir, overwrite, MODEL_FOLDER, inputs)
+    # missing parent folders are made only when the finished model is written, so a failed run leaves none
+    existing = next(p for p in out_dir.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OutputError(f"folder {existing} is not a writable folder; choose a writable output folder")
+    if out_dir.parent.exists():
+        check_output_path(out_dir, overwrite, MODEL_FOLDER, inputs)
 
 
 def _validate(
@@ -541,6 +539,7 @@ def train_diffusion(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         _write_folder(tmp, ema, meta, log)
         _commit(tmp, out_dir, overwrite)
     except OSError as exc:

@@ -29,11 +29,16 @@ def fp_source(qdir: Path, override: str | None = None) -> str:
 
 
 def analyze_quantized(
-    qdir: Path, request: SampleRequest, fp_model: str | None = None, cond: Tensor | None = None, device: str = "cpu"
+    qdir: Path,
+    request: SampleRequest,
+    fp_model: str | None = None,
+    cond: Tensor | None = None,
+    device: str = "cpu",
+    verify: bool = True,
 ) -> NoiseStats:
     from qdiffuse.io import load_quantized
 
-    quantized = load_quantized(qdir, device)
+    quantized = load_quantized(qdir, device, verify=verify)
     try:
         fp = load_model_folder(fp_source(qdir, fp_model), device)
     except ModelLoadError as exc:

@@ -34,10 +34,16 @@ def stats_relpath(stats: NoiseStats) -> str:
 
 
 def save_stats(folder: Path, stats: NoiseStats) -> Path:
-    path = Path(folder) / stats_relpath(stats)
+    """Store ``stats`` in the quantized ``folder`` (atomically) and record the file's hash in its
+    ``integrity.json``, so the folder still verifies after statistics are added."""
+    from qdiffuse.integrity import record_files
+
+    rel = stats_relpath(stats)
+    path = Path(folder) / rel
     path.parent.mkdir(exist_ok=True)
     with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(stats_json(stats))
+    record_files(Path(folder), [rel])
     return path
 
 

@@ -73,8 +73,13 @@ def sensitivity_command(
     if num < 1:
         raise ConfigError(f"--num {num} must be at least 1")
     if json_out is not None:
-        check_output_path(json_out, overwrite, JSON)
-    if is_quantized_folder(model):
+        check_output_path(json_out, overwrite, JSON, inputs=[model] if Path(model).exists() else [])
+    config = None
+    if not is_quantized_folder(model):
+        # the guard stays off: this report shows what the grids themselves cost, before any layer is moved to FP
+        config = QuantConfig.from_scheme(scheme, method=method, outliers=outliers, seed=seed, guard_db=0,
+                                         **(calib or {}))
+    if config is None:
         loaded = load_quantized(model, device, runtime="simulated")
         set_quantization_enabled(loaded.denoiser.model, False)
         data = collect_calibration(loaded.denoiser, loaded.scheduler_config, n_steps=10, n_per_step=num, seed=seed,
@@ -85,9 +90,6 @@ def sensitivity_command(
         loaded = load_model_folder(model, device)
         data = collect_calibration(loaded.denoiser, loaded.scheduler_config, n_steps=10, n_per_step=num,
                                    seed=seed + 104729, guidance=guidance, batch_size=batch_size)
-        # the guard stays off: this report shows what the grids themselves cost, before any layer is moved to FP
-        config = QuantConfig.from_scheme(scheme, method=method, outliers=outliers, seed=seed, guard_db=0,
-                                         **(calib or {}))
         quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, batch_size=batch_size,
                  runtime="simulated")
         title = f"{model} {scheme} {method}, outliers {outliers}, no guard"

@@ -6,6 +6,7 @@ with exit code 2, no traceback, and no output file left behind (outputs are writ
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -713,6 +714,7 @@ def main() -> None:
 
     keep_freed_memory()
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _import_runtime()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=sys.argv[1:], prog_name="qdiffuse", standalone_mode=False)
@@ -744,6 +746,41 @@ def main() -> None:
         sys.exit(code)
 
 
+def entry() -> None:
+    """The ``qdiffuse`` executable: :func:`main`, then an immediate exit with its code.
+
+    Interpreter shutdown takes seconds after torch and diffusers are loaded, and a Ctrl-C in that time killed
+    the process by the signal (exit -2, no message) after it had finished; outputs are already complete and
+    flushed when ``main`` returns, so nothing is lost by skipping the shutdown.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:  # after main had handled everything: its outputs are complete or absent
+        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        code = 130
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _import_runtime() -> None:
+    """Import numpy and torch with Ctrl-C held back: interrupted half-way, torch swallows the KeyboardInterrupt
+    and goes on with numpy half-loaded, and the command then fails with an unrelated error. A Ctrl-C pressed
+    meanwhile is delivered right after, where the command can handle it."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import numpy  # noqa: F401
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the process is so that every atomic output cleans up on the way out."""
 
@@ -753,4 +790,4 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -10,10 +10,12 @@ with the temporary output removed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -138,17 +140,48 @@ def _umask_mode(base: int) -> int:
     return base & ~mask
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while an output is put in place: an interrupt between two renames would leave
+    neither the old output nor the new one at the path. They are delivered right after."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or
+    file system cannot, so the caller falls back to two renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace(tmp: Path, path: Path) -> None:
-    if path.exists():
+    """Put ``tmp`` at ``path``. A file replaces a file atomically; a folder is swapped with the old one in one
+    step where the OS can, so even a SIGKILL leaves either the old output or the new one at ``path``."""
+    with _signals_deferred():
+        if not path.is_dir() or path.is_symlink():
+            os.replace(tmp, path)
+            return
+        if _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now under the temporary name
+            return
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
         os.replace(tmp, path)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _disk_full(exc: BaseException, path: Path) -> OutputError | None:

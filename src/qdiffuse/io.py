@@ -15,16 +15,14 @@ into exactly the weights the quantized model computed with.
 
 Loading trusts nothing it reads: the content hashes catch a damaged or edited file, and the manifest's claims
 (formats, bit-widths, code sizes, the layout of every stored tensor) are checked against the config and the
-tensors even when the hashes are skipped, so a damaged folder fails with one line instead of sampling garbage.
+tensors even when the hashes are skipped (:mod:`qdiffuse.claims`), so a damaged folder fails with one line instead
+of sampling garbage.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +31,39 @@ from torch import nn
 
 from qdiffuse import __version__
 from qdiffuse.api import STATE_ATTR, QuantState, quant_state
-from qdiffuse.config import MIXED_SCHEMES, SCHEMES, QuantConfig
+from qdiffuse.claims import (
+    CODES,
+    QUANT_JSON,
+    QUANT_WEIGHTS,
+    REQUANTIZE,
+    check_entries,
+    check_layer_claims,
+    check_layout,
+    check_scheme,
+    one_line,
+    parameter_budget,
+    parameter_limit,
+    parse_manifest,
+    short_repr,
+    tensor_layout,
+)
 from qdiffuse.errors import ModelLoadError, QDiffuseError
 from qdiffuse.formats import pack_bits, unpack_bits
-from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.fsutil import QUANTIZED_FOLDER, atomic_dir, folder_size
 from qdiffuse.integrity import verify_folder, write_integrity
 from qdiffuse.kernels.freeze import RuntimeReport
 from qdiffuse.kernels.modules import RealLayer, split_weight_shapes
 from qdiffuse.models.denoiser import Denoiser
-from qdiffuse.models.loading import META_FILE, MODEL_SUBFOLDERS, LoadedModel, build_model, read_json
+from qdiffuse.models.loading import META_FILE, LoadedModel, build_model, read_json
 from qdiffuse.models.twins import TWIN_META_KEY, TwinSpec, apply_twin
 from qdiffuse.nn.layers import QuantLayer
-from qdiffuse.nn.quantizer import ActivationQuantizer, WeightQuantizer
-from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model, set_submodule
+from qdiffuse.nn.quantizer import ActivationQuantizer
+from qdiffuse.nn.rewrite import quant_layers, quantize_model, set_submodule
 
-QUANT_JSON = "quantization.json"
-QUANT_WEIGHTS = "quantized.safetensors"
+# QUANT_JSON, QUANT_WEIGHTS, CODES and REQUANTIZE come from qdiffuse.claims, whose messages name them too
 COST_FILE = "cost.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 FORMAT_VERSION = 1
-CODES = ".weight_codes."
-REQUANTIZE = "re-run qdiffuse quantize"
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -118,7 +127,7 @@ def save_quantized(
         "plan": [vars(p) for p in state.plan],
         "layers": layers_meta,
         "calibration": state.calibration,
-        "tensors": {key: _layout(value) for key, value in sorted(tensors.items())},
+        "tensors": {key: tensor_layout(value) for key, value in sorted(tensors.items())},
     }
     from safetensors.torch import save_file
 
@@ -137,13 +146,6 @@ def save_quantized(
             (tmp / rel).write_text(text)
         write_integrity(tmp)  # last: it hashes everything above
     return Path(out)
-
-
-def _layout(tensor: torch.Tensor) -> str:
-    """``float32[16, 1, 1, 1]``: what the manifest records of each stored tensor. The loader compares it with the
-    file's header, which catches a header whose dtypes, shapes or names were changed while its byte counts still
-    add up (an int32 read as float32 parses fine and gives a different model)."""
-    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
 
 
 def load_quantized(
@@ -171,23 +173,19 @@ def load_quantized(
         return _load_quantized(folder, device, runtime, covered, reading)
     except ModelLoadError as exc:
         if "\n" in str(exc):
-            raise ModelLoadError(_one_line(exc)) from None
+            raise ModelLoadError(one_line(exc)) from None
         raise
     except QDiffuseError as exc:  # a parser's ConfigError/DataError: still the folder's fault
-        raise ModelLoadError(f"{reading[0]} is inconsistent ({_one_line(exc)}); {REQUANTIZE}") from None
+        raise ModelLoadError(f"{reading[0]} is inconsistent ({one_line(exc)}); {REQUANTIZE}") from None
     except (torch.cuda.OutOfMemoryError, MemoryError):
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
         # The checks before the parsers name what is wrong where they can; whatever slips past them is still a
         # malformed folder, not a crash, and keeps its cause for a debugger. (RecursionError is a RuntimeError.)
         raise ModelLoadError(
-            f"cannot load {reading[0]} ({type(exc).__name__}: {_one_line(exc)}); the folder is damaged or "
+            f"cannot load {reading[0]} ({type(exc).__name__}: {one_line(exc)}); the folder is damaged or "
             f"inconsistent: {REQUANTIZE}"
         ) from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _load_quantized(
@@ -201,11 +199,11 @@ def _load_quantized(
     version = manifest.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise ModelLoadError(
-            f"{folder} has quantized-format version {_short(version)}; this qdiffuse reads version {FORMAT_VERSION}: "
-            f"{REQUANTIZE}"
+            f"{folder} has quantized-format version {short_repr(version)}; this qdiffuse reads version "
+            f"{FORMAT_VERSION}: {REQUANTIZE}"
         )
-    sub, config, layers_meta, plan, calibration = _parse_manifest(manifest, folder / QUANT_JSON)
-    _check_scheme(config, folder / QUANT_JSON)
+    sub, config, layers_meta, plan, calibration = parse_manifest(manifest, folder / QUANT_JSON)
+    check_scheme(config, folder / QUANT_JSON)
     if covered is not None:  # files read below must be covered too, or deleting their entries would skip them
         from qdiffuse.integrity import INTEGRITY_FILE, NO_VERIFY_HINT
 
@@ -214,11 +212,11 @@ def _load_quantized(
                 raise ModelLoadError(f"{folder / INTEGRITY_FILE} does not cover {rel}; {NO_VERIFY_HINT}")
     reading[0] = folder / QUANT_WEIGHTS
     tensors = _read_tensors(folder / QUANT_WEIGHTS, device)
-    _check_layout(manifest.get("tensors"), tensors, folder)
-    _check_entries(config, layers_meta, tensors)
+    check_layout(manifest.get("tensors"), tensors, folder)
+    check_entries(config, layers_meta, tensors)
     reading[0] = folder / sub / "config.json"
     model_config = read_json(folder / sub / "config.json", "model config")
-    with _parameter_budget(_parameter_limit(layers_meta, tensors), folder / sub / "config.json"):
+    with parameter_budget(parameter_limit(layers_meta, tensors), folder / sub / "config.json"):
         model = build_model(model_config, str(folder / sub), meta=True)
     quantize_model(model, config)
     reading[0] = folder / QUANT_WEIGHTS
@@ -240,116 +238,6 @@ def _load_quantized(
     return LoadedModel(Denoiser.from_model(model, meta), scheduler_config, str(folder), sub, meta)
 
 
-def _is_int(value: Any, low: int = 0) -> bool:
-    """A JSON integer >= ``low`` (``True`` and ``4.0`` are not: the loader would compute with them)."""
-    return type(value) is int and value >= low
-
-
-def _is_shape(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_int(d) for d in value)
-
-
-def _parse_manifest(
-    manifest: dict[str, Any], path: Path
-) -> tuple[str, QuantConfig, dict[str, Any], list[LayerPlan], dict[str, Any]]:
-    """The manifest's parts, each checked for the type the loader uses it as: a wrong type is a one-line error
-    naming the field, never a crash deep inside the rebuild."""
-
-    def malformed(what: str) -> ModelLoadError:
-        return ModelLoadError(f"{path} is malformed ({what}); {REQUANTIZE}")
-
-    for key in ("model_subfolder", "config", "layers", "plan"):
-        if key not in manifest:
-            raise malformed(f"no {key!r}")
-    sub = manifest["model_subfolder"]
-    if sub not in MODEL_SUBFOLDERS:  # also keeps the path inside the folder
-        raise malformed(f"model_subfolder {_short(sub)} is not one of {', '.join(MODEL_SUBFOLDERS)}")
-    if not isinstance(manifest["config"], dict):
-        raise malformed("'config' is not an object")
-    try:
-        config = QuantConfig.from_dict(manifest["config"])
-    except QDiffuseError as exc:
-        raise malformed(f"config: {_one_line(exc)}") from None
-    if not isinstance(config.scheme, str):
-        raise malformed(f"config.scheme {_short(config.scheme)} is not a string")
-    layers_meta = manifest["layers"]
-    if not isinstance(layers_meta, dict):
-        raise malformed("'layers' is not an object")
-    for name, entry in layers_meta.items():
-        problem = _entry_problem(entry)
-        if problem:
-            raise malformed(f"layer {name}: {problem}")
-    plan_data = manifest["plan"]
-    if not isinstance(plan_data, list) or not all(
-        isinstance(p, dict) and set(p) == {"name", "kind", "label"} and all(isinstance(v, str) for v in p.values())
-        for p in plan_data
-    ):
-        raise malformed("'plan' is not a list of {name, kind, label} strings")
-    plan = [LayerPlan(**p) for p in plan_data]
-    calibration = manifest.get("calibration", {})
-    if not isinstance(calibration, dict):
-        raise malformed("'calibration' is not an object")
-    if not isinstance(manifest.get("source"), (str, type(None))):
-        raise malformed("'source' is not a string")
-    return sub, config, layers_meta, plan, calibration
-
-
-def _entry_problem(entry: Any) -> str | None:
-    """What is malformed in one layer entry of the manifest (None: nothing)."""
-    if not isinstance(entry, dict):
-        return "its entry is not an object"
-    for key in ("splits", "shapes", "code_shapes", "bits"):
-        if key not in entry:
-            return f"no {key!r}"
-    splits = entry["splits"]
-    if not isinstance(splits, list) or not splits or not all(_is_int(s, 1) for s in splits):
-        return f"splits {_short(splits)} is not a list of positive integers"
-    for key in ("shapes", "code_shapes"):
-        value = entry[key]
-        if not isinstance(value, list) or len(value) != len(splits) or not all(_is_shape(s) for s in value):
-            return f"{key} {_short(value)} is not one shape per split"
-    if not _is_int(entry["bits"], 2) or entry["bits"] > 8:
-        return f"bits {_short(entry['bits'])} is not an integer from 2 to 8"
-    if not isinstance(entry.get("weight_hardened", True), bool):
-        return f"weight_hardened {_short(entry['weight_hardened'])} is not true or false"
-    return None
-
-
-def _short(value: Any) -> str:
-    """``repr`` cut to a readable length: a damaged field may hold a whole subtree."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _same_format(actual: FormatSpec | None, named: FormatSpec | None, quartz_variant: bool) -> bool:
-    """``actual`` is the format the scheme name stands for; a quartz-* scheme may pick its QuaRTZ variant."""
-    if actual is None or named is None:
-        return actual is named
-    if quartz_variant and actual.kind == named.kind == "quartz":
-        return replace(actual, lzs_group=named.lzs_group, rounding=named.rounding) == named
-    return actual == named
-
-
-def _check_scheme(config: QuantConfig, path: Path) -> None:
-    """The scheme label must name the formats the config holds, or ``info`` and the bench would report one
-    scheme while the folder computes in another. A label that names no built-in scheme (a config written in
-    Python, e.g. ``"custom"``) promises no formats and is not checked."""
-    label = config.scheme
-    if label in MIXED_SCHEMES:
-        named = SCHEMES[MIXED_SCHEMES[label][0]]
-    elif label in SCHEMES:
-        named = SCHEMES[label]
-    else:
-        return
-    for role, actual, expected in (("weight", config.weight, named[0]), ("activation", config.activation, named[1])):
-        if not _same_format(actual, expected, label.startswith("quartz-")):
-            described = actual.describe() if actual else "fp"
-            raise ModelLoadError(
-                f"{path}: scheme {label!r} means {role}s {expected.describe() if expected else 'fp'}, but "
-                f"config.{role} is {described}; the manifest was edited or damaged: {REQUANTIZE}"
-            )
-
-
 def _read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -360,75 +248,8 @@ def _read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path} is missing; the quantized folder is incomplete") from None
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         raise ModelLoadError(
-            f"{path} is not a readable safetensors file ({_one_line(exc)}); {REQUANTIZE}"
+            f"{path} is not a readable safetensors file ({one_line(exc)}); {REQUANTIZE}"
         ) from None
-
-
-def _check_layout(catalog: Any, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """Every stored tensor must have the name, dtype and shape the manifest recorded at save time (folders from
-    before the record have none and skip this)."""
-    if catalog is None:
-        return
-    path = folder / QUANT_WEIGHTS
-    if not isinstance(catalog, dict) or not all(isinstance(v, str) for v in catalog.values()):
-        raise ModelLoadError(f"{folder / QUANT_JSON} is malformed ('tensors' is not a map of layouts); {REQUANTIZE}")
-    missing, unlisted = sorted(set(catalog) - set(tensors)), sorted(set(tensors) - set(catalog))
-    if missing:
-        raise ModelLoadError(f"{path} lacks tensor {missing[0]!r}; the folder is incomplete")
-    if unlisted:
-        raise ModelLoadError(
-            f"{path} holds tensor {unlisted[0]!r} that {QUANT_JSON} does not list; the folder is inconsistent"
-        )
-    for key in sorted(tensors):
-        stored = _layout(tensors[key])
-        if stored != catalog[key]:
-            raise ModelLoadError(
-                f"{path}: tensor {key!r} is {stored} but {QUANT_JSON} records {catalog[key]}; the folder is damaged"
-            )
-
-
-def _code_bytes(code_shape: list[int], bits: int) -> int:
-    """Elements of a layer's stored code tensor: packed bytes below 8 bits, one byte per code at 8."""
-    n = math.prod(code_shape)
-    return -(-n * bits // 8) if bits < 8 else n
-
-
-def _check_entries(config: QuantConfig, layers_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """The layer entries' claims that the manifest and the tensors alone can check, before the model is built:
-    ``bits`` is the value bits of the weight format the config gives the layer, each split's weight shape holds
-    its input channels and encodes to the entry's code shape, and each packed code tensor is 1-D uint8 with
-    exactly the bytes that code shape takes at those bits (a short one would unpack past its end, a long one
-    means the entry lies about the shape or the bit-width)."""
-    quantizers: dict[FormatSpec, WeightQuantizer] = {}
-    for name, entry in layers_meta.items():
-        if any(f"{name}{CODES}{k}" not in tensors for k in range(len(entry["code_shapes"]))):
-            continue  # a layer the folder does not store: the rebuild below says which side is wrong
-        formats = config.formats_for(name)
-        if formats is not None:
-            spec = formats[0]
-            if entry["bits"] != spec.value_bits:
-                raise _bits_mismatch(name, entry["bits"], spec)
-            quantizer = quantizers.setdefault(spec, WeightQuantizer(spec))
-            for k, (split, shape) in enumerate(zip(entry["splits"], entry["shapes"], strict=True)):
-                if len(shape) < 2 or shape[1] != split:
-                    raise ModelLoadError(
-                        f"{name}: the manifest's weight shape {shape} of split {k} does not hold its {split} input "
-                        "channels; the manifest is damaged"
-                    )
-                _check_code_shape(name, k, entry["code_shapes"][k], quantizer, shape, spec)
-        for k, code_shape in enumerate(entry["code_shapes"]):
-            key = f"{name}{CODES}{k}"
-            raw, bits = tensors[key], entry["bits"]
-            if raw.dtype != torch.uint8 or raw.dim() != 1:
-                raise ModelLoadError(
-                    f"{name}: weight codes {key} are {_layout(raw)}, not a 1-D uint8 stream; the folder is damaged"
-                )
-            need = _code_bytes(code_shape, bits)
-            if raw.numel() != need:
-                raise ModelLoadError(
-                    f"{name}: weight codes {key} hold {raw.numel()} bytes, but {math.prod(code_shape)} {bits}-bit "
-                    f"codes of shape {code_shape} take {need}; the manifest or {QUANT_WEIGHTS} is damaged"
-                )
 
 
 def _load_tensors(
@@ -447,7 +268,7 @@ def _load_tensors(
     used: set[str] = set()
     for name, layer in layers.items():
         entry = layers_meta[name]
-        _check_claims(layer, entry, name)
+        check_layer_claims(layer, entry, name)
         for k, quantizer in enumerate(layer.weight_quantizers):
             for buf in ("scale", "zero_point", "block_scale", "lzs_flags"):
                 key = f"{name}.weight_quantizers.{k}.{buf}"
@@ -482,79 +303,10 @@ def _load_tensors(
 def _quantizer_buffer(value: torch.Tensor, key: str, flags: bool) -> torch.Tensor:
     """A weight quantizer's stored parameter: QuaRTZ flags are packed uint8, every other one is a float."""
     if flags and value.dtype != torch.uint8:
-        raise ModelLoadError(f"{key} is {_layout(value)}, not packed uint8 flags; the folder is damaged")
+        raise ModelLoadError(f"{key} is {tensor_layout(value)}, not packed uint8 flags; the folder is damaged")
     if not flags and not value.is_floating_point():
-        raise ModelLoadError(f"{key} is {_layout(value)}, not a float tensor; the folder is damaged")
+        raise ModelLoadError(f"{key} is {tensor_layout(value)}, not a float tensor; the folder is damaged")
     return value if flags else value.float()
-
-
-def _bits_mismatch(name: str, bits: int, spec: FormatSpec) -> ModelLoadError:
-    return ModelLoadError(
-        f"{name}: the manifest says {bits}-bit weight codes, but the config gives this layer {spec.describe()} "
-        f"({spec.value_bits}-bit codes); the manifest was edited or damaged: {REQUANTIZE}"
-    )
-
-
-def _check_claims(layer: QuantLayer, entry: dict[str, Any], name: str) -> None:
-    """The manifest's entry must describe the layer the config rebuilds: its splits and weight shapes, the value
-    bits of its weight format, and the code shape each split's quantizer encodes to."""
-    if entry["splits"] != list(layer.splits):
-        raise ModelLoadError(f"{name}: manifest splits {entry['splits']} != model {list(layer.splits)}")
-    expected = [list(shape) for shape in split_weight_shapes(layer)]
-    if entry["shapes"] != expected:
-        raise ModelLoadError(f"{name}: stored weight shapes {entry['shapes']} != model {expected}")
-    spec = layer.weight_spec
-    if entry["bits"] != spec.value_bits:
-        raise _bits_mismatch(name, entry["bits"], spec)
-    for k, (quantizer, shape) in enumerate(zip(layer.weight_quantizers, entry["shapes"], strict=True)):
-        _check_code_shape(name, k, entry["code_shapes"][k], quantizer, shape, spec)
-
-
-def _check_code_shape(
-    name: str, k: int, code_shape: list[int], quantizer: WeightQuantizer, shape: list[int], spec: FormatSpec
-) -> None:
-    want = list(quantizer.code_shape(torch.Size(shape)))
-    if code_shape != want:
-        raise ModelLoadError(
-            f"{name}: the manifest's code shape {code_shape} of split {k} != {want}, the shape {spec.describe()} "
-            f"codes of a {shape} weight take; the folder is damaged"
-        )
-
-
-def _parameter_limit(layers_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int:
-    """Most parameter elements the model config may build: twice what the folder stores (every stored tensor plus
-    the quantized weights the manifest describes), and a MiB of slack. A real folder's model has at most what it
-    stores; a config edited to 2**40 blocks or channels would otherwise build for hours before any shape check."""
-    stored = sum(t.numel() for t in tensors.values())
-    weights = sum(math.prod(shape) for entry in layers_meta.values() for shape in entry["shapes"])
-    return 2 * (stored + weights) + (1 << 20)
-
-
-@contextmanager
-def _parameter_budget(limit: int, where: Path) -> Iterator[None]:
-    """Stop building a model whose parameters outgrow ``limit`` elements (see :func:`_parameter_limit`).
-
-    Counts in ``nn.Module.register_parameter``, which every parameter of every module passes through (the
-    loader's meta-device build hooks the same place)."""
-    original = nn.Module.register_parameter
-    total = 0
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        nonlocal total
-        if param is not None:
-            total += param.numel()
-            if total > limit:
-                raise ModelLoadError(
-                    f"{where} describes a model with more than {limit} parameter values, far more than the folder "
-                    f"stores; the model config is damaged: {REQUANTIZE}"
-                )
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, loaded: set[str]) -> None:
@@ -575,7 +327,7 @@ def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
         if current is None and attr == "bias" and isinstance(module, (QuantLayer, RealLayer)):
             out = split_weight_shapes(module)[0][0]
             if tuple(value.shape) != (out,) or not value.is_floating_point():
-                raise ModelLoadError(f"{key}: stored {_layout(value)} is not the float bias of {out} outputs")
+                raise ModelLoadError(f"{key}: stored {tensor_layout(value)} is not the float bias of {out} outputs")
             module.bias = nn.Parameter(value.float())  # a bias that bias correction gave a layer that had none
         elif isinstance(current, nn.Parameter):
             if current.shape != value.shape:

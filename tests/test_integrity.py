@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_folder, tiny_quantized_folder
+from tiny_models import denoiser_outputs, probe_inputs, tiny_folder, tiny_quantized_folder
 
 from qdiffuse.api import quantize
 from qdiffuse.config import QuantConfig
@@ -33,27 +33,12 @@ from qdiffuse.integrity import (
     write_integrity,
 )
 from qdiffuse.io import QUANT_JSON, QUANT_WEIGHTS, load_quantized, save_quantized
-from qdiffuse.models.loading import LoadedModel, load_model_folder
+from qdiffuse.models.loading import load_model_folder
 from qdiffuse.progress import set_progress_enabled
 
 set_progress_enabled(False)
 
 NO_VERIFY = "--no-verify"
-
-
-def _inputs(loaded: LoadedModel) -> tuple[Any, ...]:
-    d = loaded.denoiser
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, *d.sample_shape, generator=gen)
-    t = torch.tensor([700, 20])
-    labels = torch.tensor([2, d.null_class]) if d.num_classes else None
-    cond = torch.randn(2, 4, d.cross_attention_dim, generator=gen) if d.kind == "unet_cond" else None
-    return x, t, labels, cond
-
-
-def _out(loaded: LoadedModel, inputs: tuple[Any, ...]) -> torch.Tensor:
-    with torch.no_grad():
-        return loaded.denoiser.forward_raw(*inputs)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +50,8 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expected(original: Path) -> tuple[tuple[Any, ...], torch.Tensor]:
     loaded = load_quantized(original)
-    inputs = _inputs(loaded)
-    return inputs, _out(loaded, inputs)
+    inputs = probe_inputs(loaded)
+    return inputs, denoiser_outputs(loaded, inputs)
 
 
 @pytest.fixture
@@ -193,7 +178,7 @@ def test_extra_unlisted_file_is_ignored(folder: Path, expected: tuple[tuple[Any,
     (folder / "README.md").write_text("my notes\n")
     (folder / "unet" / "notes.txt").write_text("more notes\n")
     inputs, want = expected
-    assert torch.equal(_out(load_quantized(folder), inputs), want)
+    assert torch.equal(denoiser_outputs(load_quantized(folder), inputs), want)
 
 
 def test_old_folder_without_a_record_loads_with_a_warning(
@@ -205,7 +190,7 @@ def test_old_folder_without_a_record_loads_with_a_warning(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and INTEGRITY_FILE in r.getMessage()]
     assert len(warnings) == 1 and "older qdiffuse" in warnings[0].getMessage()
     inputs, want = expected
-    assert torch.equal(_out(loaded, inputs), want)
+    assert torch.equal(denoiser_outputs(loaded, inputs), want)
 
 
 def test_old_folder_without_a_tensor_record_still_loads(
@@ -215,7 +200,7 @@ def test_old_folder_without_a_tensor_record_still_loads(
     _edit_manifest(folder, lambda m: m.pop("tensors"))
     (folder / INTEGRITY_FILE).unlink()
     inputs, want = expected
-    assert torch.equal(_out(load_quantized(folder), inputs), want)
+    assert torch.equal(denoiser_outputs(load_quantized(folder), inputs), want)
 
 
 def test_no_verify_loads_a_consistent_folder_whose_hash_changed(
@@ -227,7 +212,7 @@ def test_no_verify_loads_a_consistent_folder_whose_hash_changed(
     (folder / QUANT_JSON).write_text(json.dumps(manifest, indent=4, sort_keys=True))
     _load_error(folder, QUANT_JSON, "does not match", NO_VERIFY)
     inputs, want = expected
-    assert torch.equal(_out(load_quantized(folder, verify=False), inputs), want)
+    assert torch.equal(denoiser_outputs(load_quantized(folder, verify=False), inputs), want)
 
 
 def test_no_verify_still_checks_the_stored_tensors(folder: Path) -> None:
@@ -327,7 +312,7 @@ def test_noise_statistics_added_later_keep_the_folder_verifiable(
         rel = stats_relpath(stats)
         assert record[rel] == file_digest(folder / rel)
     inputs, want = expected
-    assert torch.equal(_out(load_quantized(folder), inputs), want)
+    assert torch.equal(denoiser_outputs(load_quantized(folder), inputs), want)
     (folder / stats_relpath(first)).write_text("{}")  # now the listed statistics are damaged
     _load_error(folder, stats_relpath(first).split("/")[-1], "does not match", NO_VERIFY)
 
@@ -379,9 +364,9 @@ def test_claim_checks_accept_real_folders(case: str, tmp_path_factory: pytest.Te
     config = QuantConfig.from_scheme(scheme, calib_steps=2, calib_per_step=4, calib_num_inference_steps=4,
                                      **overrides)
     quantize(loaded.denoiser, loaded.scheduler_config, config, runtime="simulated")
-    inputs = _inputs(loaded)
-    want = _out(loaded, inputs)
+    inputs = probe_inputs(loaded)
+    want = denoiser_outputs(loaded, inputs)
     out = save_quantized(loaded, tmp_path / "q")
-    assert torch.equal(_out(load_quantized(out, runtime="simulated"), inputs), want)
-    assert torch.equal(_out(load_quantized(out, runtime="simulated", verify=False), inputs), want)
+    assert torch.equal(denoiser_outputs(load_quantized(out, runtime="simulated"), inputs), want)
+    assert torch.equal(denoiser_outputs(load_quantized(out, runtime="simulated", verify=False), inputs), want)
     load_quantized(out)  # the real runtime too

@@ -36,12 +36,11 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_quantized_folder
+from tiny_models import denoiser_outputs, probe_inputs, tiny_quantized_folder
 
 from qdiffuse.errors import QDiffuseError
 from qdiffuse.integrity import INTEGRITY_FILE
 from qdiffuse.io import QUANT_JSON, QUANT_WEIGHTS, load_quantized
-from qdiffuse.models.loading import LoadedModel
 from qdiffuse.progress import set_progress_enabled
 
 set_progress_enabled(False)
@@ -88,21 +87,6 @@ class Target:
         self.write(rel, self.files.get(rel))
 
 
-def _inputs(loaded: LoadedModel) -> tuple[Any, ...]:
-    d = loaded.denoiser
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, *d.sample_shape, generator=gen)
-    t = torch.tensor([900, 17])
-    labels = torch.tensor([1, d.null_class]) if d.num_classes else None
-    cond = torch.randn(2, 4, d.cross_attention_dim, generator=gen) if d.kind == "unet_cond" else None
-    return x, t, labels, cond
-
-
-def _outputs(loaded: LoadedModel, inputs: tuple[Any, ...]) -> torch.Tensor:
-    with torch.no_grad():
-        return loaded.denoiser.forward_raw(*inputs)
-
-
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Target]:
     out = {}
@@ -114,10 +98,10 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Target]:
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes(data)
         first = load_quantized(work)
-        target = Target(f"{kind}-{scheme}", source, work, files, _inputs(first), share)
+        target = Target(f"{kind}-{scheme}", source, work, files, probe_inputs(first), share)
         for runtime in ("real", "simulated"):
-            target.reference[runtime] = _outputs(load_quantized(work, runtime=runtime), target.inputs)
-            again = _outputs(load_quantized(work, runtime=runtime), target.inputs)
+            target.reference[runtime] = denoiser_outputs(load_quantized(work, runtime=runtime), target.inputs)
+            again = denoiser_outputs(load_quantized(work, runtime=runtime), target.inputs)
             assert torch.equal(again, target.reference[runtime]), "loading must be deterministic to fuzz it"
         out[target.name] = target
     return out
@@ -181,7 +165,7 @@ def _run(target: Target, case: Case, tally: Tally) -> None:
         try:
             loaded = load_quantized(target.work, runtime=case.runtime, verify=case.verify)
             try:
-                got = _outputs(loaded, target.inputs)
+                got = denoiser_outputs(loaded, target.inputs)
             except Exception as exc:  # noqa: BLE001 - judged below: only a valid config edit may do this
                 got = exc
         finally:

@@ -138,3 +138,20 @@ def tiny_quantized_folder(
         out = tmp_path_factory.mktemp(f"tiny-{kind}-{scheme}") / "q"
         _FOLDER_CACHE[key] = save_quantized(loaded, out)
     return _FOLDER_CACHE[key]
+
+
+def probe_inputs(loaded: object, seed: int = 5) -> tuple:
+    """Two fixed network inputs (x_t, t, labels, text condition) for comparing a model's outputs before and after
+    saving, loading or damaging its folder."""
+    d = loaded.denoiser  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *d.sample_shape, generator=gen)
+    t = torch.tensor([700, 20])
+    labels = torch.tensor([1, d.null_class]) if d.num_classes else None
+    cond = torch.randn(2, 4, d.cross_attention_dim, generator=gen) if d.kind == "unet_cond" else None
+    return x, t, labels, cond
+
+
+def denoiser_outputs(loaded: object, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.denoiser.forward_raw(*inputs)  # type: ignore[attr-defined]

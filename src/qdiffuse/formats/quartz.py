@@ -184,14 +184,7 @@ def quartz_scale(x: Tensor, stage1_group: int = STAGE1_GROUP, unsigned: bool = F
     return (amax / qmax).clamp_min(SCALE_MIN)
 
 
-def quartz_codes(
-    x: Tensor,
-    scale: Tensor,
-    stage1_group: int = STAGE1_GROUP,
-    lzs_group: int = LZS_GROUP,
-    rounding: str = "nearest",
-    unsigned: bool = False,
-) -> Tensor:
+def quartz_codes(x: Tensor, scale: Tensor, stage1_group: int = STAGE1_GROUP, unsigned: bool = False) -> Tensor:
     """Stage-1 INT8 codes of ``x`` along its last dimension (``[..., ng, stage1_group]``, integer-valued float,
     before LZS)."""
     qmin, qmax = stage1_bounds(unsigned)
@@ -293,7 +286,7 @@ def quartz_encode(
     """Storage of ``x`` under ``scale``: 4-bit codes (uint8 ``[..., ng · stage1_group]``, padding included) and
     flags (uint8 ``[..., ng · stage1_group / lzs_group]``); see :func:`lzs_encode`."""
     check_quartz_groups(stage1_group, lzs_group, rounding)
-    q = quartz_codes(x, scale, stage1_group, lzs_group, rounding, unsigned).flatten(-2)
+    q = quartz_codes(x, scale, stage1_group, unsigned).flatten(-2)
     return lzs_encode(q, lzs_group, rounding, unsigned)
 
 

@@ -41,7 +41,7 @@ from qdiffuse.config import MIXED_SCHEMES, SCHEMES, QuantConfig
 from qdiffuse.errors import ModelLoadError, QDiffuseError
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.kernels.modules import split_weight_shapes
-from qdiffuse.models.loading import MODEL_SUBFOLDERS
+from qdiffuse.models.loading import MODEL_SUBFOLDERS, register_parameter_hook
 from qdiffuse.nn.layers import QuantLayer
 from qdiffuse.nn.quantizer import WeightQuantizer
 from qdiffuse.nn.rewrite import LayerPlan
@@ -286,14 +286,11 @@ def parameter_limit(layers_meta: dict[str, Any], tensors: dict[str, torch.Tensor
 
 @contextmanager
 def parameter_budget(limit: int, where: Path) -> Iterator[None]:
-    """Stop building a model whose parameters outgrow ``limit`` elements (see :func:`parameter_limit`).
-
-    Counts in ``nn.Module.register_parameter``, which every parameter of every module passes through (the
-    loader's meta-device build hooks the same place)."""
-    original = nn.Module.register_parameter
+    """Stop building a model whose parameters outgrow ``limit`` elements (see :func:`parameter_limit`), counted as
+    each parameter is registered (in this thread only)."""
     total = 0
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    def count(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         nonlocal total
         if param is not None:
             total += param.numel()
@@ -302,13 +299,9 @@ def parameter_budget(limit: int, where: Path) -> Iterator[None]:
                     f"{where} describes a model with more than {limit} parameter values, far more than the folder "
                     f"stores; the model config is damaged: {REQUANTIZE}"
                 )
-        original(module, name, param)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
+    with register_parameter_hook(count):
         yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 __all__ = [

@@ -9,8 +9,9 @@ which class index is the null class for classifier-free guidance.
 from __future__ import annotations
 
 import json
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,50 @@ def find_model_subfolder(folder: Path) -> str:
     )
 
 
+ParameterHook = Callable[[nn.Module, str, "nn.Parameter | None"], None]
+_hooks = threading.local()
+_hook_lock = threading.Lock()
+_hook_users = 0
+_original_register = nn.Module.register_parameter
+
+
+def _register_with_hooks(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _original_register(module, name, param)
+    for hook in getattr(_hooks, "stack", ()):
+        hook(module, name, param)
+
+
+@contextmanager
+def register_parameter_hook(hook: ParameterHook) -> Iterator[None]:
+    """Call ``hook(module, name, param)`` after every parameter this thread registers while the block runs.
+
+    Every parameter of every module passes through ``nn.Module.register_parameter``; it is wrapped while any
+    thread has a hook, and a hook sees only its own thread's modules, so models built in parallel threads do not
+    see each other."""
+    global _hook_users
+    with _hook_lock:
+        if _hook_users == 0:
+            nn.Module.register_parameter = _register_with_hooks  # type: ignore[method-assign]
+        _hook_users += 1
+    stack = getattr(_hooks, "stack", None)
+    if stack is None:
+        stack = _hooks.stack = []
+    stack.append(hook)
+    try:
+        yield
+    finally:
+        stack.remove(hook)
+        with _hook_lock:
+            _hook_users -= 1
+            if _hook_users == 0:
+                nn.Module.register_parameter = _original_register  # type: ignore[method-assign]
+
+
+def _to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if param is not None and param.device.type != "meta":
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device (no storage); buffers stay real.
@@ -86,24 +131,15 @@ def parameters_on_meta() -> Iterator[None]:
     which a plain ``torch.device("meta")`` context would lose. Each parameter is allocated once, moved to meta
     and freed, so building even a large skeleton holds at most one real parameter at a time.
     """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
+    with register_parameter_hook(_to_meta):
         yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def build_model(config: dict[str, Any], where: str, meta: bool = False) -> nn.Module:
     """Instantiate a diffusers model class from its config dict, without weights (``meta``: parameters on the
     meta device, to be filled by the caller)."""
     import diffusers
+
 
     class_name = config.get("_class_name")
     if not isinstance(class_name, str) or class_name not in MODEL_KINDS:

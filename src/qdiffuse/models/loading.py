@@ -140,7 +140,6 @@ def build_model(config: dict[str, Any], where: str, meta: bool = False) -> nn.Mo
     meta device, to be filled by the caller)."""
     import diffusers
 
-
     class_name = config.get("_class_name")
     if not isinstance(class_name, str) or class_name not in MODEL_KINDS:
         raise ModelLoadError(

@@ -164,13 +164,23 @@ def test_fake_quant_is_stage_one_then_lzs_then_scale() -> None:
     x = torch.randn(4, 130)
     scale = quartz_scale(x)
     assert scale.shape == (4, 3, 1)
-    assert torch.allclose(scale[:, 0, 0], x[:, :64].abs().amax(-1) / 127)
+    assert torch.allclose(scale[:, 0, 0], x[:, :64].abs().amax(-1) / 112)
     q = torch.round(torch.nn.functional.pad(x, (0, 62)).reshape(4, 3, 64) / scale).clamp(-127, 127)
     expected = (lzs(q.flatten(-2), 16, "nearest").reshape(4, 3, 64) * scale).flatten(-2)[:, :130]
     assert torch.allclose(fake_quant_quartz(x), expected, rtol=0, atol=1e-6)
     assert torch.equal(fake_quantize(x, QUARTZ), fake_quant_quartz(x))
     codes, flags = quartz_encode(x, scale)
     assert torch.allclose(quartz_decode(codes, flags, scale, 130), fake_quant_quartz(x, scale), rtol=0, atol=1e-7)
+
+
+def test_the_largest_value_of_every_group_survives_unless_plain_min_max() -> None:
+    x = torch.randn(64, 256)
+    amax = x.abs().reshape(64, 4, 64).amax(-1)
+    kept = fake_quant_quartz(x).abs().reshape(64, 4, 64).amax(-1)
+    assert torch.allclose(kept, amax, rtol=1e-6)  # mapped to code 112 = 7 << 4, which LZS keeps exactly
+    plain = fake_quant_quartz(x, fit_lzs=False).abs().reshape(64, 4, 64).amax(-1)
+    assert torch.allclose(plain, amax * 112 / 127, rtol=1e-6)  # 127 saturates to 112: every max shrinks 12%
+    assert QuantConfig.from_scheme("quartz-w4a4", quartz_fit_lzs=False).weight.describe().endswith("-mm127")
 
 
 def test_quiet_groups_are_exact_on_the_int8_grid() -> None:
@@ -262,7 +272,7 @@ def test_activation_quantizer_dynamic_and_static() -> None:
     static.finish_calibration()
     assert static.scale.shape == (2, 1)
     amax = (2 * x).abs().amax(dim=(0, 2, 3))
-    assert torch.allclose(static.scale[0, 0], amax[:64].max() / 127)
+    assert torch.allclose(static.scale[0, 0], amax[:64].max() / 112)
     y = static(x)
     assert y.shape == x.shape and not torch.equal(y, dynamic(x))
     with pytest.raises(ConfigError, match="unsigned"):

@@ -82,7 +82,7 @@ class SamplerSetting:
         return f"{self.sampler}{self.steps}-eta{self.eta:g}"
 
 
-SCHEME_OPTIONS = ("lzs_group", "lzs_rounding")
+SCHEME_OPTIONS = ("lzs_group", "lzs_rounding", "quartz_fit_lzs")
 """Keys of a setting's ``config`` that :meth:`QuantConfig.from_scheme` takes to vary the scheme's formats."""
 
 

@@ -150,7 +150,7 @@ def _same_format(actual: FormatSpec | None, named: FormatSpec | None, quartz_var
     if actual is None or named is None:
         return actual is named
     if quartz_variant and actual.kind == named.kind == "quartz":
-        return replace(actual, lzs_group=named.lzs_group, rounding=named.rounding) == named
+        return replace(actual, lzs_group=named.lzs_group, rounding=named.rounding, fit_lzs=named.fit_lzs) == named
     return actual == named
 
 

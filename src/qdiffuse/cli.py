@@ -177,6 +177,14 @@ def quantize(
         bool,
         typer.Option("--quartz-static", help="quartz-*: calibrated stage-1 activation scales instead of per call."),
     ] = False,
+    quartz_plain_minmax: Annotated[
+        bool,
+        typer.Option(
+            "--quartz-plain-minmax",
+            help="quartz-*: stage-1 scales map each group's max to 127 (plain min-max) instead of 112, the largest "
+            "code LZS keeps; an ablation (LZS then shrinks every group's max by 12%).",
+        ),
+    ] = False,
     no_attention: Annotated[bool, typer.Option("--no-attention", help="Leave attention matmuls in FP.")] = False,
     no_split: Annotated[bool, typer.Option("--no-split", help="No shortcut splitting.")] = False,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
@@ -223,6 +231,7 @@ def quantize(
         dynamic_activations=dynamic,
         lzs_group=lzs_group,
         lzs_rounding=lzs_rounding,
+        quartz_fit_lzs=False if quartz_plain_minmax else None,
         quartz_static=quartz_static,
         outliers=outliers,
         lowrank_rank=lowrank_rank,

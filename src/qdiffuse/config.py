@@ -273,12 +273,14 @@ class QuantConfig:
         fp_inputs: tuple[str, ...] = DEFAULT_FP_INPUT,
         lzs_group: int | None = None,
         lzs_rounding: str | None = None,
+        quartz_fit_lzs: bool | None = None,
         **kwargs: Any,
     ) -> QuantConfig:
         """Build a config from a scheme name, with the default layer policy unless told otherwise: first/last
         layers and embeddings at 8 bits below 8 bits, and a floating-point x_t input to the first layer.
         ``method=None`` takes the scheme's recommended method (:data:`RECOMMENDED_METHODS`). ``lzs_group`` and
-        ``lzs_rounding`` set the QuaRTZ variant of a ``quartz-*`` scheme's QuaRTZ formats."""
+        ``lzs_rounding`` (and ``quartz_fit_lzs=False``, plain min–max stage-1 scales) set the QuaRTZ variant of a
+        ``quartz-*`` scheme's QuaRTZ formats."""
         method = RECOMMENDED_METHODS.get(scheme, "minmax") if method is None else method
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
@@ -291,7 +293,7 @@ class QuantConfig:
             weight, activation = SCHEMES[scheme]
         else:
             raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join([*SCHEMES, *MIXED_SCHEMES])}")
-        weight, activation = _quartz_variant(scheme, weight, activation, lzs_group, lzs_rounding)
+        weight, activation = _quartz_variant(scheme, weight, activation, lzs_group, lzs_rounding, quartz_fit_lzs)
         rules = [LayerRule(p, "fp") for p in keep_fp]
         if keep_8bit and _is_below_8bit(weight, activation):
             rules += [LayerRule(p, HIGH_PRECISION) for p in keep_8bit]
@@ -402,10 +404,15 @@ class QuantConfig:
 
 
 def _quartz_variant(
-    scheme: str, weight: FormatSpec, activation: FormatSpec | None, lzs_group: int | None, rounding: str | None
+    scheme: str,
+    weight: FormatSpec,
+    activation: FormatSpec | None,
+    lzs_group: int | None,
+    rounding: str | None,
+    fit_lzs: bool | None,
 ) -> tuple[FormatSpec, FormatSpec | None]:
     """The scheme's formats with the requested QuaRTZ variant (an error for a scheme without QuaRTZ)."""
-    if lzs_group is None and rounding is None:
+    if lzs_group is None and rounding is None and fit_lzs is None:
         return weight, activation
     if "quartz" not in (weight.kind, activation.kind if activation else None):
         raise ConfigError(f"scheme {scheme!r} has no QuaRTZ format; --lzs-group/--lzs-rounding need a quartz-* scheme")
@@ -414,6 +421,8 @@ def _quartz_variant(
         changes["lzs_group"] = lzs_group
     if rounding is not None:
         changes["rounding"] = rounding
+    if fit_lzs is not None:
+        changes["fit_lzs"] = bool(fit_lzs)
 
     def pick(spec: FormatSpec | None) -> FormatSpec | None:
         return replace(spec, **changes) if spec is not None and spec.kind == "quartz" else spec

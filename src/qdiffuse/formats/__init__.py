@@ -159,7 +159,9 @@ def fake_quantize(
     nvfp4/mxfp4/quartz blocks run along the last dimension of ``x``.
     """
     if spec.kind == "quartz":
-        return fake_quant_quartz(x, scale, spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned)
+        return fake_quant_quartz(
+            x, scale, spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned, fit_lzs=spec.fit_lzs
+        )
     if spec.kind == "mxfp4":
         return fake_quant_mxfp4(x)
     if spec.kind == "nvfp4":

@@ -31,7 +31,9 @@ class FormatSpec:
     granularity: one range per ``tensor``, per output ``channel`` (axis 0) or per ``group`` of ``group_size``
     consecutive values along the flattened input dimension. nvfp4/mxfp4 are always blockwise; quartz is always
     per group (its stage-1 scales) and ``unsigned`` selects its variant for non-negative tensors.
-    lzs_group, rounding: QuaRTZ only (0 and "" for every other kind).
+    lzs_group, rounding: QuaRTZ only (0 and "" for every other kind). fit_lzs: QuaRTZ's stage-1 scale maps a
+    group's largest value to the largest code LZS keeps exactly (112); False is plain min–max to 127 (an ablation,
+    see :func:`qdiffuse.formats.quartz.scale_code`).
     """
 
     kind: str = "int"
@@ -42,6 +44,7 @@ class FormatSpec:
     group_size: int = 0
     lzs_group: int = 0
     rounding: str = ""
+    fit_lzs: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in FORMAT_KINDS:
@@ -58,8 +61,8 @@ class FormatSpec:
             if self.granularity != "group":
                 raise ConfigError("QuaRTZ is per group; use granularity 'group' with group_size=64")
             check_quartz_groups(self.group_size, self.lzs_group, self.rounding)
-        elif self.lzs_group or self.rounding:
-            raise ConfigError(f"lzs_group and rounding belong to the quartz format, not {self.kind}")
+        elif self.lzs_group or self.rounding or not self.fit_lzs:
+            raise ConfigError(f"lzs_group, rounding and fit_lzs belong to the quartz format, not {self.kind}")
 
     @property
     def value_bits(self) -> int:
@@ -115,7 +118,8 @@ class FormatSpec:
         if self.kind in BLOCK_SIZES:
             return self.kind
         if self.kind == "quartz":
-            return f"quartz{'-u' if self.unsigned else ''}-g{self.group_size}-l{self.lzs_group}-{self.rounding}"
+            plain = "" if self.fit_lzs else "-mm127"
+            return f"quartz{'-u' if self.unsigned else ''}-g{self.group_size}-l{self.lzs_group}-{self.rounding}{plain}"
         if self.kind == "int":
             sign = "u" if self.unsigned else ("sym" if self.symmetric else "asym")
             gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity

@@ -83,9 +83,9 @@ class WeightQuantizer(nn.Module):
             return
         if spec.kind == "quartz":
             rows = w.reshape(w.shape[0], -1)
-            args = (spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned)
+            args = (spec.group_size, spec.lzs_group, spec.rounding, spec.unsigned, spec.fit_lzs)
             self.scale = search_quartz_scale(rows, *args) if self.observer == "mse" else quartz_scale(
-                rows, spec.group_size, spec.unsigned
+                rows, spec.group_size, spec.unsigned, spec.fit_lzs
             )
             self.lzs_flags = None
             return
@@ -249,7 +249,8 @@ class ActivationQuantizer(nn.Module):
         if self._observer is None:
             return
         if isinstance(self._observer, ChannelAbsMax):
-            self.scale = quartz_scale(self._observer.amax()[None], self.spec.group_size)[0].float()
+            spec = self.spec
+            self.scale = quartz_scale(self._observer.amax()[None], spec.group_size, fit_lzs=spec.fit_lzs)[0].float()
             self.zero_point = None
             self._observer = None
             return
@@ -286,7 +287,9 @@ class ActivationQuantizer(nn.Module):
                 if self.scale is None:
                     raise RuntimeError("static activation quantizer used before calibration")
                 scale = self.scale.reshape(-1, 1, *([1] * (x.dim() - 1 - dim)))
-            return fake_quant_quartz(x, scale, spec.group_size, spec.lzs_group, spec.rounding, dim=dim)
+            return fake_quant_quartz(
+                x, scale, spec.group_size, spec.lzs_group, spec.rounding, dim=dim, fit_lzs=spec.fit_lzs
+            )
         if self.dynamic:
             scale, zero_point = dynamic_qparams(x.detach(), spec)
         else:

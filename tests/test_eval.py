@@ -31,6 +31,7 @@ from qdiffuse.eval.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from qdiffuse.fsutil import MARKER
 
 HAVE_FMNIST = (DEFAULT_DATA_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST IDX files not installed")
@@ -226,7 +227,7 @@ def test_train_classifier_writes_loadable_folder(tmp_path: Path) -> None:
         _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     out = train_classifier(data, tmp_path / "clf", epochs=1, batch_size=32, seed=0)
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == [
         "classifier.safetensors",
         "config.json",
         "reference_stats.safetensors",

@@ -95,7 +95,7 @@ def test_settings_are_checked() -> None:
         QuantConfig.from_scheme("w4a8", method="qdiffusion", recon_batch_size=0)
     for bad, match in (
         ({"recon_max_samples": 0}, "calibration row"),
-        ({"recon_lr_round": 0.0}, "learning rates"),
+        ({"recon_lr_round": 0.0}, "--recon-lr 0 is out of range"),
         ({"recon_beta": (20.0,)}, "beta"),
         ({"recon_warmup": 1.0}, "warm-up"),
         ({"recon_blocks": "stage"}, "auto or layer"),

@@ -37,7 +37,7 @@ def run_demo(
     """Run the demo into folder ``out`` (written atomically); returns the report path.
 
     Calibration and the PTQD statistics use the demo's own sampler setting, so nothing is measured twice; the
-    defaults keep the whole run under seven minutes on one CPU core (BENCHMARKS.md).
+    defaults took 4 min 19 s on one CPU core (BENCHMARKS.md, "Demo").
     """
     calib = {"calib_per_step": 12, "calib_num_inference_steps": steps, **(calib or {})}
     config = BenchConfig(

@@ -13,15 +13,17 @@ from torch import Tensor
 from qdiffuse.errors import DataError
 
 
-def to_blocks(x: Tensor, block: int) -> Tensor:
-    """``[..., n]`` → ``[..., ceil(n / block), block]``, zero-padding the last dimension."""
+def to_blocks(x: Tensor, block: int, dim: int = -1) -> Tensor:
+    """Dimension ``dim`` of ``x`` (zero-padded to a multiple of ``block``) split into ``(ceil(n / block), block)``:
+    ``[..., n]`` → ``[..., ceil(n / block), block]`` for the last dimension."""
     if x.dim() == 0:
         raise DataError("block formats need a tensor with at least one dimension; reshape scalars to [1]")
-    n = x.shape[-1]
+    dim = dim % x.dim()
+    n = x.shape[dim]
     pad = (-n) % block
     if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], (n + pad) // block, block)
+        x = torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, pad])
+    return x.reshape(*x.shape[:dim], (n + pad) // block, block, *x.shape[dim + 1 :])
 
 
 def from_blocks(blocks: Tensor, n: int) -> Tensor:

@@ -45,8 +45,7 @@ CODE_BITS = 4
 
 def check_quartz_groups(stage1_group: int, lzs_group: int, rounding: str) -> None:
     """One-line errors for group sizes and roundings the format cannot use."""
-    if rounding not in ROUNDINGS:
-        raise ConfigError(f"QuaRTZ rounding {rounding!r} unknown; use {' or '.join(ROUNDINGS)}")
+    _check_rounding(rounding)
     if not isinstance(lzs_group, int) or lzs_group < 2:
         raise ConfigError(f"QuaRTZ LZS group size {lzs_group} must be an integer >= 2; use 16 or 32")
     if not isinstance(stage1_group, int) or stage1_group < lzs_group or stage1_group % lzs_group:
@@ -194,9 +193,16 @@ def quartz_scale(
 ) -> Tensor:
     """Min–max stage-1 scale per group of ``stage1_group`` values along the last dimension: ``[..., ng, 1]``."""
     blocks = to_blocks(x.detach().to(torch.promote_types(x.dtype, torch.float32)), stage1_group)
-    qmax = scale_code(unsigned, fit_lzs)
-    amax = blocks.amax(dim=-1, keepdim=True).clamp_min(0) if unsigned else blocks.abs().amax(dim=-1, keepdim=True)
-    return (amax / qmax).clamp_min(SCALE_MIN)
+    return _block_scale(blocks, -1, unsigned, fit_lzs)
+
+
+def _block_scale(blocks: Tensor, dim: int, unsigned: bool, fit_lzs: bool) -> Tensor:
+    """Min–max scale of each block (its values along ``dim``, keepdim): the block's largest |x| (largest x,
+    unsigned) to :func:`scale_code`. max(amax, −amin) takes two reductions and no |x| copy: this runs on every
+    activation, every call."""
+    amax = blocks.amax(dim, keepdim=True)
+    amax = amax.clamp_min(0) if unsigned else torch.maximum(amax, blocks.amin(dim, keepdim=True).neg_())
+    return amax.div_(scale_code(unsigned, fit_lzs)).clamp_min_(SCALE_MIN)
 
 
 def quartz_codes(x: Tensor, scale: Tensor, stage1_group: int = STAGE1_GROUP, unsigned: bool = False) -> Tensor:
@@ -205,16 +211,6 @@ def quartz_codes(x: Tensor, scale: Tensor, stage1_group: int = STAGE1_GROUP, uns
     qmin, qmax = stage1_bounds(unsigned)
     blocks = to_blocks(x.detach().to(torch.float32), stage1_group)
     return torch.round(blocks / scale.to(blocks.dtype)).clamp_(qmin, qmax)
-
-
-def _group_dim(x: Tensor, dim: int, group: int) -> Tensor:
-    """``x`` with dimension ``dim`` (zero-padded to a multiple of ``group``) split into ``(n_groups, group)``."""
-    n = x.shape[dim]
-    pad = (-n) % group
-    if pad:
-        widths = [0, 0] * (x.dim() - 1 - dim) + [0, pad]
-        x = torch.nn.functional.pad(x, widths)
-    return x.reshape(*x.shape[:dim], (n + pad) // group, group, *x.shape[dim + 1 :])
 
 
 def fake_quant_quartz(
@@ -242,12 +238,9 @@ def fake_quant_quartz(
     work = torch.promote_types(x.dtype, torch.float32)
     n = x.shape[dim]
     qmin, qmax = stage1_bounds(unsigned)
-    blocks = _group_dim(x.to(work), dim, stage1_group)
+    blocks = to_blocks(x.to(work), stage1_group, dim)
     if scale is None:
-        detached = blocks.detach()
-        amax = detached.amax(dim + 1, keepdim=True)  # max(amax, −amin): two reductions, no |x| copy
-        amax = amax.clamp_min_(0) if unsigned else torch.maximum(amax, detached.amin(dim + 1, keepdim=True).neg_())
-        scale = amax.div_(scale_code(unsigned, fit_lzs)).clamp_min_(SCALE_MIN)
+        scale = _block_scale(blocks.detach(), dim + 1, unsigned, fit_lzs)
     scale = scale.to(work)
     lzs_shape = (*blocks.shape[: dim + 1], stage1_group // lzs_group, lzs_group, *blocks.shape[dim + 2 :])
     if blocks.requires_grad or scale.requires_grad:

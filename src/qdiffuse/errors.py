@@ -24,3 +24,7 @@ class DataError(QDiffuseError):
 
 class OutputError(QDiffuseError):
     """An output path that exists, cannot be written, or would overwrite the user's files."""
+
+
+class QDiffuseWarning(UserWarning):
+    """Something the user should know that does not stop the run; the command line prints it on one line."""

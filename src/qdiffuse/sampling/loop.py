@@ -21,7 +21,7 @@ from qdiffuse.errors import ConfigError, DataError
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.noise.schedule import scaled_noise
 from qdiffuse.progress import progress_bar
-from qdiffuse.sampling.schedulers import make_scheduler, validate_steps
+from qdiffuse.sampling.schedulers import check_conditioning, make_scheduler, validate_steps
 from qdiffuse.validate import MAX_SEED, check_fits_in_memory, check_number
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor | None, Tensor | None], None]
@@ -147,7 +147,10 @@ def sample(
 ) -> tuple[Tensor, Tensor | None]:
     """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels."""
     request.check_fits(denoiser.sample_shape)
-    validate_steps(make_scheduler(request.sampler, scheduler_config), request.steps)
+    first = make_scheduler(request.sampler, scheduler_config)
+    validate_steps(first, request.steps)
+    first.set_timesteps(request.steps)
+    check_conditioning(request.sampler, first)
     labels = resolve_labels(denoiser, request.labels, request.num)
     cond = stub_condition(denoiser, request.num) if cond is None else check_condition(denoiser, cond, request.num)
     device = denoiser.device

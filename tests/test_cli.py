@@ -195,6 +195,44 @@ def test_reconstruction_with_ptqd_end_to_end(folders: dict[str, Path], tmp_path:
         assert not np.array_equal(corrected["arr_0"], plain["arr_0"])
 
 
+def test_ill_conditioned_start_is_one_warning_line(folders: dict[str, Path], tmp_path: Path, run: Callable) -> None:
+    """A cosine schedule saved with trailing spacing starts DDIM at ᾱ ≈ 0: one ``warning:`` line, still exit 0;
+    the DPM-Solver family clips λ there and says nothing."""
+    folder = _copy(folders["unet"], tmp_path / "cosine")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    config_path.write_text(json.dumps(config))
+    args = ("--num", 2, "--steps", 3, "-q")
+    res = run("sample", folder, "--out", tmp_path / "a.npz", "--sampler", "ddim", *args)
+    assert res.code == 0, res.stderr
+    warned = [line for line in res.err_lines if line.startswith("warning:")]
+    assert len(warned) == 1 and "timestep_spacing" in warned[0] and "t = 999" in warned[0]
+    res = run("sample", folder, "--out", tmp_path / "b.npz", "--sampler", "dpm++2m", *args)
+    assert res.code == 0 and not [line for line in res.err_lines if line.startswith("warning:")], res.stderr
+
+
+def test_mota_with_ptqd_end_to_end(folders: dict[str, Path], tmp_path: Path, run: Callable) -> None:
+    """mota+ptqd on a target solver: the aligned errors and the weights reach the manifest, the noise statistics
+    are measured under that solver, and the folder samples with it."""
+    qfolder = tmp_path / "q"
+    res = run(
+        "quantize", folders["unet"], "--out", qfolder, "--scheme", "w4a8", "--method", "mota+ptqd",
+        "--calib-sampler", "dpm++2m", "--calib-inference-steps", 4, "--calib-per-step", 2, "--mota-cos", 0.5,
+        "--recon-iters", 3, "--recon-act-iters", 2, "--recon-batch-size", 4, "--guidance", 2,
+        "--analysis-num", 4, "-q",
+    )
+    assert res.code == 0, res.stderr
+    manifest = json.loads((qfolder / QUANT_JSON).read_text())
+    assert manifest["config"]["mota_cos"] == 0.5 and manifest["config"]["calib_sampler"] == "dpm++2m"
+    mota = manifest["calibration"]["mota"]
+    assert mota["sampler"] == "dpm++2m" and mota["steps"] == 4
+    assert set(mota["aligned_error"]) == {"fp", "round_to_nearest", "reconstructed"}
+    assert any("dpm++2m" in p.name for p in (qfolder / "noise").glob("*.json"))
+    args = ("--num", 3, "--steps", 4, "--sampler", "dpm++2m", "--guidance", 2, "--labels", "0,2", "-q")
+    assert run("sample", qfolder, "--out", tmp_path / "s.npz", *args).code == 0
+
+
 def test_sample_fp_folder_labels_and_seeds(folders: dict[str, Path], tmp_path: Path, run: Callable) -> None:
     args = ("--num", 4, "--steps", 4, "--labels", "1-2", "--batch-size", 2, "-q")
     res = run("sample", folders["unet"], "--out", tmp_path / "a.npz", "--seed", 1, *args)
@@ -301,6 +339,10 @@ CASES: dict[str, tuple[Callable[[dict, Path, Path], tuple], str]] = {
     "unknown-calib-sampler": (
         lambda f, s, o: ("quantize", f["unet"], "--out", o / "q", "--calib-sampler", "heun"),
         "heun",
+    ),
+    "mota-first-order-sampler": (
+        lambda f, s, o: ("quantize", f["unet"], "--out", o / "q", "--method", "mota", "--calib-sampler", "ddim"),
+        "--calib-sampler ddim has none; use one of dpm++2m",
     ),
     "recon-beta-malformed": (
         lambda f, s, o: ("quantize", f["unet"], "--out", o / "q", "--method", "qdiffusion", "--recon-beta", "20"),

@@ -62,6 +62,29 @@ def quantize(
     denoiser = model if isinstance(model, Denoiser) else Denoiser.from_model(model)
     if getattr(denoiser.model, STATE_ATTR, None) is not None:
         raise ConfigError("this model is already quantized; load the FP model again to quantize it differently")
+    trajectory = None
+    if config.aligns_trajectory:
+        from qdiffuse.calibration.trajectory import collect_trajectory
+
+        if calib is not None:
+            raise ConfigError(
+                f"--method {config.method} collects its own calibration data on the FP trajectories of "
+                f"{config.calib_sampler}; drop the calibration set or use --method qdiffusion"
+            )
+        trajectory = collect_trajectory(
+            denoiser,
+            scheduler_config,
+            sampler=config.calib_sampler,
+            num_inference_steps=config.calib_num_inference_steps,
+            n_per_step=config.calib_per_step,
+            guidance=guidance,
+            labels=labels,
+            seed=config.seed,
+            batch_size=batch_size,
+            cond=cond,
+            include_intermediate=config.mota_intermediate,
+        )
+        calib = trajectory.calib
     if calib is None:
         calib = collect_calibration(
             denoiser,
@@ -134,10 +157,31 @@ def quantize(
             blocks=config.recon_blocks,
             seed=config.seed,
             checkpoint_dir=Path(config.recon_checkpoint_dir) if config.recon_checkpoint_dir else None,
+            **(
+                {"block_weight": config.mota_block, "align_weight": config.mota_align, "cos_weight": config.mota_cos}
+                if trajectory is not None
+                else {}
+            ),
         )
-        results = reconstruct(fp_model, denoiser, calib, settings)
+        if trajectory is not None:
+            from qdiffuse.calibration.trajectory import aligned_error
+
+            fp_denoiser = replace(denoiser, model=fp_model)
+            alignment = {"fp": aligned_error(fp_denoiser, trajectory, batch_size)}
+            alignment["round_to_nearest"] = aligned_error(denoiser, trajectory, batch_size)
+        results = reconstruct(fp_model, denoiser, calib, settings, trajectory.aligned if trajectory else None)
         del fp_model
         info["reconstruction"] = {"units": len(results), "iters": settings.iters, "act_iters": settings.act_iters}
+        if trajectory is not None:
+            alignment["reconstructed"] = aligned_error(denoiser, trajectory, batch_size)
+            info["mota"] = {
+                "sampler": config.calib_sampler,
+                "steps": config.calib_num_inference_steps,
+                "rows": len(calib),
+                "weights": {"block": config.mota_block, "align": config.mota_align, "cos": config.mota_cos},
+                "intermediate_rows": config.mota_intermediate,
+                "aligned_error": alignment,
+            }
     setattr(denoiser.model, STATE_ATTR, QuantState(config, plan, info))
     if runtime == "real":
         freeze(denoiser.model)

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from qdiffuse.errors import ConfigError, QDiffuseError
+from qdiffuse.sampling.schedulers import SAMPLER_HELP
 
 app = typer.Typer(
     add_completion=False,
@@ -134,13 +135,16 @@ def quantize(
         typer.Option(
             help="minmax, mse, mse+bias (mse + bias correction), ptqd (mse + noise correction), qdiffusion "
             "(mse + reconstruction), qdiffusion+ptqd (both), gptq (mse + GPTQ weight rounding, a fast "
-            "alternative to reconstruction) or gptq+ptqd (gptq + noise correction). Default: the scheme's "
-            "recommended method (gptq for w4a4-g32, minmax otherwise)."
+            "alternative to reconstruction), gptq+ptqd (gptq + noise correction), mota (reconstruction aligned to "
+            "the higher-order solver given by --calib-sampler/--calib-inference-steps) or mota+ptqd. Default: the "
+            "scheme's recommended method (gptq for w4a4-g32, minmax otherwise)."
         ),
     ] = None,
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
-    calib_sampler: Annotated[str, typer.Option(help="Sampler that generates calibration data.")] = "ddim",
+    calib_sampler: Annotated[
+        str, typer.Option(help="Sampler that generates calibration data (mota: the solver you will sample with).")
+    ] = "ddim",
     calib_inference_steps: Annotated[int, typer.Option(help="Steps of that sampler.")] = 50,
     guidance: Annotated[float, typer.Option(help="Guidance you will sample with (calibrates both halves).")] = 1.0,
     labels: Annotated[str | None, typer.Option(help="Classes to calibrate on, e.g. 0-9.")] = None,
@@ -206,6 +210,12 @@ def quantize(
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="qdiffusion: save finished blocks here and resume from them.")
     ] = None,
+    mota_block: Annotated[float, typer.Option(help="mota: weight of the plain block target.")] = 1.0,
+    mota_align: Annotated[float, typer.Option(help="mota: weight of the higher-order (aligned) target.")] = 1.0,
+    mota_cos: Annotated[float, typer.Option(help="mota: weight of the cosine term on the aligned target.")] = 0.1,
+    no_mota_intermediate: Annotated[
+        bool, typer.Option("--no-mota-intermediate", help="mota: step points only, no intermediate-point rows.")
+    ] = False,
     seed: int = 0,
     batch_size: int = 64,
     device: Device = "auto",
@@ -252,6 +262,10 @@ def quantize(
         recon_warmup=recon_warmup,
         recon_blocks=recon_blocks,
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+        mota_block=mota_block,
+        mota_align=mota_align,
+        mota_cos=mota_cos,
+        mota_intermediate=not no_mota_intermediate,
     )
     check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
@@ -306,7 +320,7 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npz (arr_0 uint8 NHWC, labels).")],
     num: Annotated[int, typer.Option("--num", "-n", help="Number of images.")] = 64,
     steps: int = 50,
-    sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++2m, unipc, pndm, euler.")] = "ddim",
+    sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "ddim",
     eta: Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like).")] = 0.0,
     seed: int = 0,
     labels: Annotated[str | None, typer.Option(help="Classes to cycle through, e.g. 0-9.")] = None,
@@ -717,11 +731,29 @@ def _is_a(exc: BaseException, name: str) -> bool:
     return any(cls.__name__ == name for cls in type(exc).__mro__)
 
 
+def _show_warnings_on_one_line() -> None:
+    """qdiffuse's own warnings print as ``warning: …`` lines, once each; other libraries' keep Python's format."""
+    import warnings
+
+    from qdiffuse.errors import QDiffuseWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, QDiffuseWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages and exit code 2."""
     from qdiffuse.allocator import keep_freed_memory
 
     keep_freed_memory()
+    _show_warnings_on_one_line()
     signal.signal(signal.SIGTERM, _raise_terminated)
     _import_runtime()
     command = typer.main.get_command(app)

@@ -16,7 +16,9 @@ from qdiffuse.formats.quartz import LZS_GROUP, STAGE1_GROUP
 from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.validate import MAX_SEED, check_number
 
-METHODS = ("minmax", "mse", "mse+bias", "ptqd", "qdiffusion", "qdiffusion+ptqd", "gptq", "gptq+ptqd")
+METHODS = (
+    "minmax", "mse", "mse+bias", "ptqd", "qdiffusion", "qdiffusion+ptqd", "gptq", "gptq+ptqd", "mota", "mota+ptqd",
+)
 """minmax/mse: round-to-nearest PTQ with that range search. mse+bias: mse, then empirical bias correction (each
 layer's mean output error on the calibration set added to its bias; one extra forward pass). ptqd: mse ranges
 plus PTQD's noise statistics, measured at quantization time and corrected at sampling time. qdiffusion: mse
@@ -24,9 +26,12 @@ ranges, then Q-Diffusion's block reconstruction (learned weight rounding and act
 qdiffusion+ptqd: PTQD's statistics and corrections on top of the reconstructed model (the residual noise is what
 reconstruction could not remove). gptq: mse ranges, weights rounded by GPTQ (one float pass for the layers'
 input Hessians, then error-compensating rounding onto the same grids; much faster than reconstruction).
-gptq+ptqd: PTQD's statistics and corrections on top of the GPTQ model."""
-RECONSTRUCTING_METHODS = ("qdiffusion", "qdiffusion+ptqd")
-NOISE_CORRECTING_METHODS = ("ptqd", "qdiffusion+ptqd", "gptq+ptqd")
+gptq+ptqd: PTQD's statistics and corrections on top of the GPTQ model. mota: sampling-aware reconstruction for the
+higher-order solver named by ``calib_sampler`` (Mixed-Order Trajectory Alignment, see
+:mod:`qdiffuse.calibration.trajectory`). mota+ptqd: PTQD on top, its statistics measured under the same solver."""
+RECONSTRUCTING_METHODS = ("qdiffusion", "qdiffusion+ptqd", "mota", "mota+ptqd")
+NOISE_CORRECTING_METHODS = ("ptqd", "qdiffusion+ptqd", "gptq+ptqd", "mota+ptqd")
+TRAJECTORY_METHODS = ("mota", "mota+ptqd")
 BIAS_CORRECTING_METHODS = ("mse+bias",)
 OUTLIER_MODES = ("auto", "off")
 """auto: measure every integer-activation input on the calibration data and give the layers one static grid
@@ -169,6 +174,9 @@ class QuantConfig:
     its β schedule (start, end) and warm-up fraction, ``auto`` (diffusers blocks) or ``layer`` units, and the folder
     where finished blocks are written and a rerun resumes from (None: no checkpoints). See
     :class:`qdiffuse.calibration.reconstruct.ReconstructionSettings`.
+    mota_*: the ``mota`` methods' objective, weights of the plain block target, of the higher-order (aligned)
+    target and of the cosine term, and whether the solver's intermediate points are calibration rows too; the
+    target solver is ``calib_sampler`` at ``calib_num_inference_steps``, and every step point of it is used.
     """
 
     scheme: str
@@ -203,6 +211,10 @@ class QuantConfig:
     recon_warmup: float = 0.2
     recon_blocks: str = "auto"
     recon_checkpoint_dir: str | None = None
+    mota_block: float = 1.0
+    mota_align: float = 1.0
+    mota_cos: float = 0.1
+    mota_intermediate: bool = True
 
     def __post_init__(self) -> None:
         for flag, value, low, high, low_open in (
@@ -213,6 +225,9 @@ class QuantConfig:
             ("--recon-beta", self.recon_beta[0] if self.recon_beta else 1.0, 0.0, 1e4, True),
             ("--recon-beta", self.recon_beta[-1] if self.recon_beta else 1.0, 0.0, 1e4, True),
             ("--recon-warmup", self.recon_warmup, 0.0, 1.0, False),
+            ("--mota-block", self.mota_block, 0.0, 1e6, False),
+            ("--mota-align", self.mota_align, 0.0, 1e6, False),
+            ("--mota-cos", self.mota_cos, 0.0, 1e6, False),
         ):
             check_number(value, flag, low, high, low_open)
         for flag, value, high in (
@@ -228,6 +243,17 @@ class QuantConfig:
             check_number(value, flag, 0, high, integer=True)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method in TRAJECTORY_METHODS:
+            from qdiffuse.sampling.schedulers import HIGHER_ORDER_SAMPLERS
+
+            if self.calib_sampler not in HIGHER_ORDER_SAMPLERS:
+                raise ConfigError(
+                    f"--method {self.method} aligns to a higher-order solver's direction and --calib-sampler "
+                    f"{self.calib_sampler} has none; use one of {', '.join(HIGHER_ORDER_SAMPLERS)} (the sampler "
+                    "you will sample with)"
+                )
+            if self.mota_block == self.mota_align == self.mota_cos == 0:
+                raise ConfigError("--mota-block, --mota-align and --mota-cos are all 0; give one a positive weight")
         if self.outliers not in OUTLIER_MODES:
             raise ConfigError(f"outlier handling {self.outliers!r} unknown; use {' or '.join(OUTLIER_MODES)}")
         if not 0 <= self.lowrank_rank <= 1024:
@@ -319,6 +345,11 @@ class QuantConfig:
     def reconstructs(self) -> bool:
         """Block reconstruction after round-to-nearest PTQ."""
         return self.method in RECONSTRUCTING_METHODS
+
+    @property
+    def aligns_trajectory(self) -> bool:
+        """MOTA: calibration on the target solver's trajectories, reconstruction toward its direction."""
+        return self.method in TRAJECTORY_METHODS
 
     @property
     def uses_gptq(self) -> bool:
@@ -443,6 +474,7 @@ __all__ = [
     "METHODS",
     "RECONSTRUCTING_METHODS",
     "NOISE_CORRECTING_METHODS",
+    "TRAJECTORY_METHODS",
     "BIAS_CORRECTING_METHODS",
     "RECON_UNITS",
     "OUTLIER_MODES",

@@ -67,6 +67,11 @@ class ReconstructionSettings:
     during the first ``warmup`` fraction of the iterations, then β linear from start to end).
     blocks: ``auto`` (diffusers blocks, layer-wise elsewhere) or ``layer`` (every layer alone).
     keep_best: keep a phase's result only when it lowers the unit's error on the recorded data.
+    block_weight / align_weight / cos_weight: the unit's objective (MOTA, :mod:`qdiffuse.calibration.trajectory`):
+    ``block_weight`` × the error to the FP unit output on the same input (Q-Diffusion's target) + ``align_weight`` ×
+    the error to the FP unit output on the row's aligned input (the higher-order target) + ``cos_weight`` × the
+    cosine term ‖target‖²·(1 − cos(output, aligned target)) per sample, in the same units. Without aligned inputs
+    only the first term exists.
     checkpoint_dir: write each finished unit there and resume from it (None: no checkpoints).
     """
 
@@ -83,6 +88,9 @@ class ReconstructionSettings:
     blocks: str = "auto"
     keep_best: bool = True
     seed: int = 0
+    block_weight: float = 1.0
+    align_weight: float = 0.0
+    cos_weight: float = 0.0
     checkpoint_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -94,6 +102,9 @@ class ReconstructionSettings:
             raise ConfigError(f"unknown reconstruction blocks {self.blocks!r}; use one of {', '.join(RECON_UNITS)}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"reconstruction warm-up {self.warmup} must lie in [0, 1)")
+        weights = (self.block_weight, self.align_weight, self.cos_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ConfigError("reconstruction loss weights must be >= 0 and not all 0; e.g. --mota-align 1")
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the result (the checkpoint folder does not)."""
@@ -219,6 +230,33 @@ def block_loss(out: Any, target: Any) -> Tensor:
         total = term if total is None else total + term
     if total is None:
         raise DataError("reconstruction: a unit returned no tensors")
+    return total
+
+
+def cosine_loss(out: Any, target: Any) -> Tensor:
+    """‖target‖²·(1 − cos(out, target)) per sample (a row of dim 0), normalised like :func:`block_loss`: a
+    direction error in the units of a squared error, blind to the output's scale."""
+    total = None
+    for o, t in zip(_tensors(out), _tensors(target), strict=True):
+        channels = o.shape[1] if o.dim() == 4 else o.shape[-1]
+        a, b = o.float().flatten(1), t.float().flatten(1)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+        term = (b.pow(2).sum(1) * (1 - cos)).sum() * (channels / max(o.numel(), 1))
+        total = term if total is None else total + term
+    if total is None:
+        raise DataError("reconstruction: a unit returned no tensors")
+    return total
+
+
+def unit_objective(out: Any, target: Any, aligned: Any | None, s: ReconstructionSettings) -> Tensor:
+    """The unit's loss: the plain block target, and with aligned targets the MOTA terms beside it."""
+    if aligned is None:
+        return block_loss(out, target)
+    total = s.block_weight * block_loss(out, target) if s.block_weight else torch.zeros(())
+    if s.align_weight:
+        total = total + s.align_weight * block_loss(out, aligned)
+    if s.cos_weight:
+        total = total + s.cos_weight * cosine_loss(out, aligned)
     return total
 
 
@@ -348,6 +386,7 @@ def _reconstruct_unit(
     inputs: list[tuple[tuple, dict]],
     targets: list[Any],
     s: ReconstructionSettings,
+    aligned: list[Any] | None = None,
 ) -> UnitResult:
     module = q_model.get_submodule(name)
     prefix = f"{name}." if not isinstance(module, QuantLayer) else ""
@@ -366,7 +405,7 @@ def _reconstruct_unit(
 
     def run(j: int) -> Tensor:
         args, kwargs = inputs[j]
-        return block_loss(module(*args, **kwargs), targets[j])
+        return unit_objective(module(*args, **kwargs), targets[j], None if aligned is None else aligned[j], s)
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -513,8 +552,12 @@ def reconstruct(
     denoiser: Denoiser,
     calib: CalibrationSet,
     settings: ReconstructionSettings | None = None,
+    aligned: CalibrationSet | None = None,
 ) -> list[UnitResult]:
     """Reconstruct ``denoiser``'s quantized model unit by unit against ``fp_model``, in place.
+
+    ``aligned`` (MOTA): row i is the input whose FP unit outputs are row i's aligned target (same rows as
+    ``calib``); the objective is then :func:`unit_objective` with the settings' weights.
 
     ``fp_model`` is an FP copy of the network taken before ``quantize_model`` (module names must match);
     ``denoiser.model`` must already be calibrated (``calibrate_ptq``). The result stays on the quantizers' grids:
@@ -526,18 +569,29 @@ def reconstruct(
     device = denoiser.device
     n = min(len(calib), s.max_samples)
     rows = torch.randperm(len(calib), generator=torch.Generator().manual_seed(s.seed))[:n].sort().values
-    batches = []
+    if aligned is not None and len(aligned) != len(calib):
+        raise DataError(f"aligned calibration inputs hold {len(aligned)} rows for {len(calib)} calibration rows")
+    batches, aligned_batches = [], []
     for lo in range(0, n, s.batch_size):
         idx = rows[lo : lo + s.batch_size]
-        batches.append(
-            tuple(None if t is None else t[idx].to(device) for t in (calib.x, calib.t, calib.labels, calib.cond))
-        )
+        for source, out in ((calib, batches), (aligned, aligned_batches)):
+            if source is not None:
+                out.append(
+                    tuple(
+                        None if t is None else t[idx].to(device)
+                        for t in (source.x, source.t, source.labels, source.cond)
+                    )
+                )
+    uses_aligned = aligned is not None and (s.align_weight > 0 or s.cos_weight > 0)
     # eval mode throughout: training-mode randomness (DiT's label dropout) would make inputs and targets noise
     modes = [(m, m.training) for model in (q_model, fp_model) for m in model.modules()]
     q_model.eval()
     fp_model.eval()
     try:
-        return _reconstruct_units(q_model, fp_model, denoiser, fp, calib, rows, batches, s)
+        return _reconstruct_units(
+            q_model, fp_model, denoiser, fp, calib, rows, batches, s, aligned_batches if uses_aligned else None,
+            aligned if uses_aligned else None,
+        )
     finally:
         for m, mode in modes:
             m.training = mode
@@ -552,6 +606,8 @@ def _reconstruct_units(
     rows: Tensor,
     batches: list[tuple[Tensor | None, ...]],
     s: ReconstructionSettings,
+    aligned_batches: list[tuple[Tensor | None, ...]] | None = None,
+    aligned: CalibrationSet | None = None,
 ) -> list[UnitResult]:
     from safetensors.torch import load_file, save_file
 
@@ -560,6 +616,8 @@ def _reconstruct_units(
     directory = s.checkpoint_dir
     if directory is not None:
         manifest = {"settings": s.fingerprint(), "units": units, "calibration": _calib_digest(calib, rows)}
+        if aligned is not None:
+            manifest["aligned"] = _calib_digest(aligned, rows)
         done = _open_checkpoint(Path(directory), manifest)
     results: list[UnitResult] = []
     for index, name in enumerate(units):
@@ -569,12 +627,22 @@ def _reconstruct_units(
             continue
         inputs = _capture(denoiser, name, batches, "input")
         targets = _capture(fp, name, batches, "output")
-        results.append(_reconstruct_unit(index, name, q_model, fp_model, inputs, targets, s))
-        del inputs, targets
+        aligned_targets = None if aligned_batches is None else _capture(fp, name, aligned_batches, "output")
+        results.append(_reconstruct_unit(index, name, q_model, fp_model, inputs, targets, s, aligned_targets))
+        del inputs, targets, aligned_targets
         if directory is not None:
             state = _unit_state(q_model, name)
             _atomic_write(Path(directory) / _unit_file(index), lambda p, st=state: save_file(st, str(p)))
     return results
 
 
-__all__ = ["ReconstructionSettings", "UnitResult", "reconstruct", "find_units", "forward_order", "block_loss"]
+__all__ = [
+    "ReconstructionSettings",
+    "UnitResult",
+    "reconstruct",
+    "find_units",
+    "forward_order",
+    "block_loss",
+    "cosine_loss",
+    "unit_objective",
+]

@@ -1,0 +1,116 @@
+"""Markdown table (and FID-vs-steps plots) of the MOTA grid (BENCHMARKS.md, "Sampling-aware quantization").
+
+    python benchmarks/mota_table.py runs/cpu-mota-w4a8 [--plot benchmarks/plots/mota-w4a8]
+
+One row per model and recipe: FID at every sampler setting of the grid, PSNR to FP at the first setting, the share
+of the FID gap between the reference recipe (``qdiffusion`` by default) and FP that each recipe closes there, the
+aligned error the quantized folder's manifest records (first-order ε to the FP solver's direction, MSE) and the
+calibration time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qdiffuse.bench import BenchConfig
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _cell(run: Path, model: str, sampler_key: str, key: str) -> dict | None:
+    path = run / "cells" / f"{Path(model).name}__{sampler_key}__{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _aligned_mse(run: Path, model: str, key: str) -> float | None:
+    manifest = run / "models" / f"{Path(model).name}__{key}" / "quantization.json"
+    if not manifest.is_file():
+        return None
+    mota = json.loads(manifest.read_text()).get("calibration", {}).get("mota")
+    return None if mota is None else mota["aligned_error"]["reconstructed"]["mse"]
+
+
+def collect(run: Path, reference: str) -> tuple[list[str], dict]:
+    config_name = run.name
+    path = Path("benchmarks") / f"{config_name}.json"
+    config = BenchConfig.load(path)
+    keys = [q.get("label") or f"{q['scheme']}-{q['method']}" for q in json.loads(path.read_text())["quant"]]
+    samplers = [(s.key, f"{s.sampler} {s.steps}") for s in config.samplers]
+    head = "| model | recipe | " + " | ".join(f"FID {name}" for _, name in samplers)
+    head += f" | PSNR to FP ({samplers[0][1]}) | gap closed ({samplers[0][1]}) | aligned MSE | calibration s |"
+    rows = [head, "|" + "---|" * (len(samplers) + 6)]
+    curves: dict = {}
+    for model in config.models:
+        first = samplers[0][0]
+        fp = _cell(run, model, first, "fp")
+        ref = _cell(run, model, first, reference)
+        for key in ["fp", *keys]:
+            cells = [_cell(run, model, s, key) for s, _ in samplers]
+            if not any(cells):
+                rows.append(f"| {model} | {key} | not run |" + " |" * (len(samplers) + 4))
+                continue
+            family = samplers[0][1].split()[0]
+            curves.setdefault(model, {})[key] = [
+                (int(n.split()[-1]), c["fid"])
+                for (_, n), c in zip(samplers, cells, strict=True)
+                if c and n.startswith(family)
+            ]
+            gap = None
+            if key not in ("fp", reference) and fp and ref and cells[0] and ref["fid"] != fp["fid"]:
+                gap = (ref["fid"] - cells[0]["fid"]) / (ref["fid"] - fp["fid"])
+            c0 = cells[0] or {}
+            seconds = next((c.get("calibration_seconds") for c in cells if c), None)
+            rows.append(
+                f"| {model} | {key} | " + " | ".join(_f(c["fid"] if c else None, ".2f") for c in cells)
+                + f" | {_f(c0.get('psnr_to_fp'), '.1f')} | {_f(gap, '.0%')} | "
+                f"{_f(_aligned_mse(run, model, key), '.4f')} | {_f(seconds, '.0f')} |"
+            )
+    return rows, curves
+
+
+def plot(curves: dict, prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for model, by_key in curves.items():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key, points in by_key.items():
+            if points:
+                steps, fids = zip(*sorted(points), strict=True)
+                ax.plot(steps, fids, marker="o", label=key)
+        ax.set_xlabel("DPM-Solver++ 2M steps")
+        ax.set_ylabel("FID (classifier features, N = 200)")
+        ax.set_title(model)
+        ax.set_xticks(sorted({s for pts in by_key.values() for s, _ in pts}))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out = prefix.with_name(f"{prefix.name}-{Path(model).name}.png")
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--reference", default="w4a8-qdiffusion-r200")
+    parser.add_argument("--plot", type=Path, default=None, help="write PREFIX-<model>.png")
+    args = parser.parse_args()
+    rows, curves = collect(args.run, args.reference)
+    print("\n".join(rows))
+    if args.plot is not None:
+        for path in plot(curves, args.plot):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -401,7 +401,9 @@ class Bench:
             tmp.write_text(json.dumps(row, indent=2, default=float))
         return row
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, write: bool = True) -> list[dict[str, Any]]:
+        """Every cell's row, computing the missing ones; ``write=False`` leaves results.json/.md to another
+        worker (the ranks of a torchrun launch other than 0)."""
         cells = [
             (m, s, q) for m in self.config.models for s in self.config.samplers for q in [None, *self.config.quant]
         ]
@@ -420,6 +422,8 @@ class Bench:
                 rows[i] = self.run_cell(*cells[i])
                 bar.advance()
         ordered = [rows[i] for i in range(len(cells))]
+        if not write:
+            return ordered
         meta = {"config": self.config.name, "machine": machine(), "date": date.today().isoformat()}
         with atomic_file(self.out / "results.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=2, default=float))

@@ -364,27 +364,60 @@ def sample(
         batch_size=batch_size,
     )
     inputs = _input_paths(model, condition, fp_model)
-    check_output_path(out, overwrite, SAMPLES, inputs)
-    if grid is not None:
-        check_output_path(grid, overwrite, PNG, inputs)
+    from qdiffuse.distributed.world import detect
     from qdiffuse.kernels import check_runtime, runtime_report
-
-    check_runtime(runtime)
-    device = resolve_device(device)
-    loaded = load_any(model, device, runtime, verify=not no_verify)
-    cond = load_condition(condition)
-    options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
-    hooks = sampling_hooks(
-        model, loaded, request, ptqd=ptqd, options=options, fp_model=fp_model, cond=cond, device=device
-    )
     from qdiffuse.sampling.loop import sample as run_sample
 
-    images, image_labels = run_sample(loaded.denoiser, loaded.scheduler_config, request, cond, **hooks)
-    arr = to_uint8(images).numpy()
-    save_samples(out, arr, image_labels, overwrite, inputs)
-    if grid is not None:
-        save_grid(grid, arr, overwrite, inputs=inputs)
-    typer.echo(f"wrote {out} ({arr.shape[0]} images)")
+    def check_outputs() -> None:
+        check_output_path(out, overwrite, SAMPLES, inputs)
+        if grid is not None:
+            check_output_path(grid, overwrite, PNG, inputs)
+
+    def load(device: str):  # noqa: ANN202 - (loaded model, batch sampler)
+        loaded = load_any(model, device, runtime, verify=not no_verify)
+        cond = load_condition(condition)
+        options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
+        hooks = sampling_hooks(
+            model, loaded, request, ptqd=ptqd, options=options, fp_model=fp_model, cond=cond, device=device
+        )
+
+        def sample_batches(batches: list[int] | None):  # noqa: ANN202 - (uint8 images, labels)
+            images, image_labels = run_sample(
+                loaded.denoiser, loaded.scheduler_config, request, cond, batches=batches, **hooks
+            )
+            return to_uint8(images).numpy(), None if image_labels is None else image_labels.numpy()
+
+        return loaded, sample_batches
+
+    def write(arr, image_labels) -> None:  # noqa: ANN001
+        save_samples(out, arr, image_labels, overwrite, inputs)
+        if grid is not None:
+            save_grid(grid, arr, overwrite, inputs=inputs)
+        typer.echo(f"wrote {out} ({arr.shape[0]} images)")
+
+    check_runtime(runtime)
+    world = detect()
+    if world.launched:
+        from qdiffuse.distributed.commands import sample_launched
+
+        if not world.is_main:
+            _setup(True)
+        command = {
+            "out": str(out), "num": num, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
+            "labels": labels, "guidance": guidance, "grid": None if grid is None else str(grid),
+            "condition": None if condition is None else str(condition), "ptqd": ptqd, "no_k": no_k,
+            "no_bias": no_bias, "no_variance": no_variance, "fp_model": fp_model, "batch_size": batch_size,
+            "runtime": runtime, "overwrite": overwrite, "world_size": world.size,
+        }
+        sample_launched(
+            world, model=model, out=out, request=request, device=resolve_device(device), command=command,
+            check_outputs=check_outputs, load=load, write=write,
+        )
+        return
+    check_outputs()
+    loaded, sample_batches = load(resolve_device(device))
+    arr, image_labels = sample_batches(None)
+    write(arr, image_labels)
     if quant_state(loaded.denoiser.model) is not None:
         typer.echo(runtime_report(loaded.denoiser.model).summary())
 
@@ -614,13 +647,34 @@ def evaluate(
 ) -> None:
     """FID, sFID, IS, precision/recall, KID (and fidelity to FP samples) of a samples file."""
     import json
+    from contextlib import nullcontext
 
-    from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples, format_table, load_samples
+    from qdiffuse.distributed.world import agree, detect, join, on_every_rank
+    from qdiffuse.eval.evaluate import format_table
+    from qdiffuse.eval.features import shared_extraction
     from qdiffuse.fsutil import JSON, atomic_file, check_output_path
 
+    world = detect()
+    device = join(world, resolve_device(device))
+    if world.launched:
+        agree(world, {"samples": str(samples), "ref": ref, "fp": str(fp), "inception": str(inception),
+                      "json": str(json_out), "overwrite": overwrite, "world_size": world.size})
     if json_out is not None:
-        check_output_path(json_out, overwrite, JSON, inputs=[samples])
-    device = resolve_device(device)
+        on_every_rank(world, lambda: check_output_path(json_out, overwrite, JSON, inputs=[samples]), main_only=True)
+    with shared_extraction(world) if world.launched else nullcontext():
+        results = _evaluate(samples, ref, fp, inception, device)
+    if not world.is_main:
+        return
+    typer.echo(format_table(results))
+    if json_out is not None:
+        with atomic_file(json_out, overwrite, JSON, inputs=[samples]) as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=float))
+
+
+def _evaluate(samples: Path, ref: str, fp: Path | None, inception: Path | None, device: str) -> dict:
+    """``eval``'s metrics (feature extraction shared over the ranks when launched by torchrun)."""
+    from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples, load_samples
+
     images, labels = load_samples(samples)
     extractor = "inception" if inception is not None else "classifier"
     results = evaluate_samples(
@@ -631,10 +685,7 @@ def evaluate(
         if fp_images.shape != images.shape:
             raise ConfigError(f"--fp samples have shape {fp_images.shape}, expected {images.shape}; same request")
         results["fidelity"] = compare_to_fp(fp_images, images, inception_weights=inception, device=device)
-    typer.echo(format_table(results))
-    if json_out is not None:
-        with atomic_file(json_out, overwrite, JSON, inputs=[samples]) as tmp:
-            tmp.write_text(json.dumps(results, indent=2, default=float))
+    return results
 
 
 @app.command()
@@ -649,9 +700,16 @@ def bench(
 ) -> None:
     """Run a benchmark grid (model x scheme x method x sampler), resumable, writing JSON and Markdown.
 
-    Start the same command in several processes to split the grid: each cell is computed by one of them.
+    Start the same command in several processes to split the grid: each cell is computed by one of them. Under
+    torchrun the ranks are those processes (one GPU each; --out on a disk every rank sees) and rank 0 writes the
+    results once every cell is done.
     """
-    _setup(quiet)
+    import hashlib
+
+    from qdiffuse.distributed.world import agree, detect, join
+
+    world = detect()
+    _setup(quiet or not world.is_main)
     from qdiffuse.bench import Bench, BenchConfig
 
     cfg = BenchConfig.load(config)
@@ -661,8 +719,13 @@ def bench(
         from qdiffuse.kernels import check_runtime
 
         cfg = replace(cfg, runtime=check_runtime(runtime))
-    Bench(cfg, out, resolve_device(device)).run()
-    typer.echo((out / "results.md").read_text())
+    device = join(world, resolve_device(device))
+    if world.launched:
+        digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]
+        agree(world, {"config": digest, "out": str(out.resolve()), "runtime": runtime, "world_size": world.size})
+    Bench(cfg, out, device).run(write=world.is_main)
+    if world.is_main:
+        typer.echo((out / "results.md").read_text())
 
 
 @app.command()

@@ -12,8 +12,11 @@ produce them can serve as the evaluation feature space:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -69,7 +72,21 @@ def check_images(images: np.ndarray, what: str = "samples") -> np.ndarray:
     return images
 
 
-@torch.no_grad()
+_SHARED: ContextVar[Any] = ContextVar("qdiffuse_feature_world", default=None)
+
+
+@contextmanager
+def shared_extraction(world: Any) -> Iterator[None]:
+    """Inside this block, :func:`extract_features` splits its images over the ranks of ``world``
+    (:class:`qdiffuse.distributed.world.World`): each rank runs the network on one contiguous share and the
+    features (not the images) are all-gathered, in order, so every metric sees the one-process feature array."""
+    token = _SHARED.set(world)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def extract_features(
     net: FeatureNetwork | torch.nn.Module,
     images: np.ndarray,
@@ -83,6 +100,22 @@ def extract_features(
     images = check_images(images)
     if batch_size < 1:
         raise DataError(f"batch size {batch_size} is not positive; pass a batch size of at least 1")
+    world = _SHARED.get()
+    if world is not None and world.joined and world.size > 1:
+        from qdiffuse.distributed.world import gather_objects
+
+        bounds = np.linspace(0, images.shape[0], world.size + 1).round().astype(int)
+        lo, hi = int(bounds[world.rank]), int(bounds[world.rank + 1])
+        local = _extract(net, images[lo:hi], batch_size, device) if hi > lo else None
+        parts = [p for p in gather_objects(world, local) if p is not None]
+        return Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("pool", "logits", "spatial")))
+    return _extract(net, images, batch_size, device)
+
+
+@torch.no_grad()
+def _extract(
+    net: FeatureNetwork | torch.nn.Module, images: np.ndarray, batch_size: int, device: str | torch.device
+) -> Features:
     pools: list[np.ndarray] = []
     logits: list[np.ndarray] = []
     spatials: list[np.ndarray] = []

@@ -144,8 +144,14 @@ def sample(
     eps_hook: EpsHook | None = None,
     noise_hook: NoiseHook | None = None,
     description: str = "sampling",
+    batches: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels."""
+    """Run the sampler; returns images in [-1, 1] (N, C, H, W) and their labels.
+
+    ``batches`` samples only those batch indices of the request (in the order given), each exactly as in the
+    whole run: a batch's noise, labels and condition depend on its index alone, which is what lets ranks of a
+    distributed run and resumed runs share one request.
+    """
     request.check_fits(denoiser.sample_shape)
     first = make_scheduler(request.sampler, scheduler_config)
     validate_steps(first, request.steps)
@@ -155,9 +161,12 @@ def sample(
     cond = stub_condition(denoiser, request.num) if cond is None else check_condition(denoiser, cond, request.num)
     device = denoiser.device
     images: list[Tensor] = []
-    n_batches = (request.num + request.batch_size - 1) // request.batch_size
-    with progress_bar(description, n_batches * request.steps) as bar:
-        for b in range(n_batches):
+    n_batches = num_batches(request)
+    todo = list(range(n_batches)) if batches is None else list(batches)
+    if any(not 0 <= b < n_batches for b in todo):
+        raise ConfigError(f"batch indices {todo} out of range for {n_batches} batches")
+    with progress_bar(description, len(todo) * request.steps) as bar:
+        for b in todo:
             lo, hi = b * request.batch_size, min(request.num, (b + 1) * request.batch_size)
             scheduler = make_scheduler(request.sampler, scheduler_config)
             validate_steps(scheduler, request.steps)
@@ -186,7 +195,15 @@ def sample(
                     f"the model produced NaN or inf samples (batch {b}); its weights or the quantization are broken"
                 )
             images.append(x.float().cpu())
+    if not images:
+        return torch.empty((0, *denoiser.sample_shape)), None if labels is None else labels[:0]
+    if batches is not None and labels is not None:
+        labels = torch.cat([labels[b * request.batch_size : (b + 1) * request.batch_size] for b in todo])
     return torch.cat(images), labels
+
+
+def num_batches(request: SampleRequest) -> int:
+    return (request.num + request.batch_size - 1) // request.batch_size
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -195,4 +212,12 @@ def to_uint8(images: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-__all__ = ["SampleRequest", "sample", "to_uint8", "resolve_labels", "stub_condition", "batch_generator"]
+__all__ = [
+    "SampleRequest",
+    "sample",
+    "num_batches",
+    "to_uint8",
+    "resolve_labels",
+    "stub_condition",
+    "batch_generator",
+]

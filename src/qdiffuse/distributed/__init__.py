@@ -1,0 +1,1 @@
+"""Runs spread over the ranks of a ``torchrun`` launch (NCCL on GPUs, gloo on CPUs)."""

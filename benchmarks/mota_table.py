@@ -1,6 +1,10 @@
 """Markdown table (and FID-vs-steps plots) of the MOTA grid (BENCHMARKS.md, "Sampling-aware quantization").
 
-    python benchmarks/mota_table.py runs/cpu-mota-w4a8 [--plot benchmarks/plots/mota-w4a8]
+    python benchmarks/mota_table.py runs/cpu-mota-w4a8 [--config benchmarks/cpu-mota-ablation.json] \
+        [--plot benchmarks/plots/mota-w4a8]
+
+Rows and sampler settings come from the bench config (default: ``benchmarks/<run folder name>.json``); several
+configs may share one run folder (the ablation reuses the main grid's FP cells).
 
 One row per model and recipe: FID at every sampler setting of the grid, PSNR to FP at the first setting, the share
 of the FID gap between the reference recipe (``qdiffusion`` by default) and FP that each recipe closes there, the
@@ -34,9 +38,8 @@ def _aligned_mse(run: Path, model: str, key: str) -> float | None:
     return None if mota is None else mota["aligned_error"]["reconstructed"]["mse"]
 
 
-def collect(run: Path, reference: str) -> tuple[list[str], dict]:
-    config_name = run.name
-    path = Path("benchmarks") / f"{config_name}.json"
+def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[str], dict]:
+    path = path or Path("benchmarks") / f"{run.name}.json"
     config = BenchConfig.load(path)
     keys = [q.get("label") or f"{q['scheme']}-{q['method']}" for q in json.loads(path.read_text())["quant"]]
     samplers = [(s.key, f"{s.sampler} {s.steps}") for s in config.samplers]
@@ -102,10 +105,11 @@ def plot(curves: dict, prefix: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
+    parser.add_argument("--config", type=Path, default=None, help="bench config (default: from the run's name)")
     parser.add_argument("--reference", default="w4a8-qdiffusion-r200")
     parser.add_argument("--plot", type=Path, default=None, help="write PREFIX-<model>.png")
     args = parser.parse_args()
-    rows, curves = collect(args.run, args.reference)
+    rows, curves = collect(args.run, args.reference, args.config)
     print("\n".join(rows))
     if args.plot is not None:
         for path in plot(curves, args.plot):

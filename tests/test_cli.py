@@ -229,6 +229,8 @@ def test_mota_with_ptqd_end_to_end(folders: dict[str, Path], tmp_path: Path, run
     assert mota["sampler"] == "dpm++2m" and mota["steps"] == 4
     assert set(mota["aligned_error"]) == {"fp", "round_to_nearest", "reconstructed"}
     assert any("dpm++2m" in p.name for p in (qfolder / "noise").glob("*.json"))
+    info = run("info", qfolder)
+    assert info.code == 0 and "mota:       aligned to dpm++2m at 4 steps" in info.stdout, info.stderr
     args = ("--num", 3, "--steps", 4, "--sampler", "dpm++2m", "--guidance", 2, "--labels", "0,2", "-q")
     assert run("sample", qfolder, "--out", tmp_path / "s.npz", *args).code == 0
 

@@ -56,10 +56,10 @@ def one_process(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_ranks_assemble_the_one_process_npz(folder: Path, one_process: Path, tmp_path: Path, nproc: int) -> None:
+def test_two_ranks_assemble_the_one_process_npz(folder: Path, one_process: Path, tmp_path: Path) -> None:
+    """(World size 3 on these 4 batches is the resumed run of the next test.)"""
     out = tmp_path / "d.npz"
-    res = torchrun(nproc, "sample", folder, "--out", out, *SAMPLE)
+    res = torchrun(2, "sample", folder, "--out", out, *SAMPLE)
     assert res.returncode == 0, res.stderr[-2000:]
     assert same_npz(out, one_process)
     assert res.stdout.count("wrote") == 1  # rank 0 alone reports

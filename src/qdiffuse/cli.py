@@ -528,6 +528,14 @@ def info(
     calib = desc["calibration"]
     if calib:
         typer.echo(f"calibrated: {calib.get('inputs')} inputs over {len(calib.get('timesteps', []))} timesteps")
+        mota = calib.get("mota")
+        if isinstance(mota, dict) and isinstance(mota.get("aligned_error"), dict):
+            err = mota["aligned_error"]
+            typer.echo(
+                f"mota:       aligned to {mota.get('sampler')} at {mota.get('steps')} steps; first-order eps to the FP "
+                "solver's direction (MSE): "
+                + ", ".join(f"{k.replace('_', '-')} {v['mse']:.5f}" for k, v in err.items() if isinstance(v, dict))
+            )
         from qdiffuse.outliers.commands import decision_lines
 
         for line in decision_lines(calib, limit=10**6):

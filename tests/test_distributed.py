@@ -174,3 +174,29 @@ def test_bench_across_ranks_gives_the_one_process_rows(tmp_path: Path) -> None:
     strip = [[{k: v for k, v in r.items() if k not in TIMING} for r in rs] for rs in rows]
     assert strip[0] == strip[1] and len(strip[0]) == 3
     assert two.stdout.count("| model |") == 1  # rank 0 alone prints the table
+
+
+def test_torn_shards_are_sampled_again(tmp_path: Path) -> None:
+    """A truncated or foreign-shaped shard is never trusted: the batch is sampled again (one process, no group)."""
+    from qdiffuse.distributed.sampling import sample_sharded, shard_folder
+    from qdiffuse.distributed.world import World
+    from qdiffuse.sampling.loop import SampleRequest
+
+    request = SampleRequest(num=5, batch_size=2)
+    calls: list[int] = []
+
+    def batch(b: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(b)
+        n = min(2, 5 - 2 * b)
+        return np.full((n, 4, 4, 1), b, np.uint8), np.full(n, b)
+
+    out = tmp_path / "s.npz"
+    first = sample_sharded(World(), request, out, {"id": 1}, batch)
+    assert calls == [0, 1, 2]
+    folder = shard_folder(out)
+    (folder / "batch_0000001.npz").write_bytes(b"PK\x03\x04 torn")
+    np.savez(folder / "batch_0000002.npz", arr_0=np.zeros((1, 4, 4), np.float32))
+    calls.clear()
+    again = sample_sharded(World(), request, out, {"id": 1}, batch)
+    assert calls == [1, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))

@@ -122,6 +122,23 @@ def test_singlestep_aligns_to_the_solvers_own_intermediate_point(model: torch.nn
     torch.testing.assert_close(landed.float(), calls[2][0], atol=1e-4, rtol=1e-4)
 
 
+def test_singlestep_first_order_tail_keeps_the_plain_target(model: torch.nn.Module) -> None:
+    """Singlestep DPM-Solver++ ends with first-order steps (orders … 1 1): their direction is their own ε, so the
+    aligned row is the step point itself and no midpoint row is added."""
+    denoiser = Denoiser.from_model(model, META)
+    steps, n = 6, 2  # intervals (0, 1 → 2), (2, 3 → 4), (4 → 5), (5)
+    traj = collect_trajectory(denoiser, CONFIG, "dpm++2s", steps, n_per_step=n, guidance=1.0, labels=(0, 1))
+    tail = slice(2 * n, 3 * n)
+    torch.testing.assert_close(traj.aligned.x[tail], traj.calib.x[tail])
+    assert len(traj.calib) == n * (4 + 2)  # 4 step points + the 2 solver intermediates, no constructed midpoint
+
+
+def test_v_prediction_is_refused(model: torch.nn.Module) -> None:
+    config = dict(CONFIG, prediction_type="v_prediction")
+    with pytest.raises(ConfigError, match="ε-prediction"):
+        collect_trajectory(Denoiser.from_model(model, META), config, "dpm++2m", 4, n_per_step=1)
+
+
 def test_first_order_sampler_is_refused_with_the_samplers_that_work() -> None:
     with pytest.raises(ConfigError, match="dpm\\+\\+2m, dpm\\+\\+3m, dpm\\+\\+2s"):
         QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="ddim")

@@ -657,7 +657,7 @@ def evaluate(
     import json
     from contextlib import nullcontext
 
-    from qdiffuse.distributed.world import agree, detect, join, on_every_rank
+    from qdiffuse.distributed.world import agree, detect, join, leave, on_every_rank
     from qdiffuse.eval.evaluate import format_table
     from qdiffuse.eval.features import shared_extraction
     from qdiffuse.fsutil import JSON, atomic_file, check_output_path
@@ -669,14 +669,27 @@ def evaluate(
                       "json": str(json_out), "overwrite": overwrite, "world_size": world.size})
     if json_out is not None:
         on_every_rank(world, lambda: check_output_path(json_out, overwrite, JSON, inputs=[samples]), main_only=True)
+    if world.launched:  # a file one rank cannot read fails every rank before the first collective
+        on_every_rank(world, lambda: _check_eval_inputs(samples, fp, inception))
     with shared_extraction(world) if world.launched else nullcontext():
         results = _evaluate(samples, ref, fp, inception, device)
+    leave(world)
     if not world.is_main:
         return
     typer.echo(format_table(results))
     if json_out is not None:
         with atomic_file(json_out, overwrite, JSON, inputs=[samples]) as tmp:
             tmp.write_text(json.dumps(results, indent=2, default=float))
+
+
+def _check_eval_inputs(samples: Path, fp: Path | None, inception: Path | None) -> None:
+    from qdiffuse.eval.evaluate import load_samples
+
+    for path in (samples, fp):
+        if path is not None:
+            load_samples(path)
+    if inception is not None and not Path(inception).is_file():
+        raise ConfigError(f"--inception {inception} is not a file on this machine; copy the weights to every node")
 
 
 def _evaluate(samples: Path, ref: str, fp: Path | None, inception: Path | None, device: str) -> dict:

@@ -23,7 +23,8 @@ Choices (the method's authors published no code; each is stated here and switcha
    as the network-level target: it is what :func:`aligned_error` reports and what tests check against the
    solver run by hand.
 
-The last step of a trajectory, and intermediate points used as calibration rows, keep the plain target.
+The last step of a trajectory, the first-order steps a singlestep solver ends with, and intermediate points used as
+calibration rows keep the plain target. The targets assume ε-prediction; other models are refused.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from qdiffuse.calibration.collect import CalibrationSet
 from qdiffuse.errors import ConfigError
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.sampling.loop import SampleRequest, sample
-from qdiffuse.sampling.schedulers import HIGHER_ORDER_SAMPLERS, make_scheduler
+from qdiffuse.sampling.schedulers import HIGHER_ORDER_SAMPLERS, make_scheduler, set_timesteps
 
 SINGLESTEP_SAMPLERS = ("dpm++2s", "dpm++3s")
 
@@ -62,7 +63,7 @@ class Interval:
 def solver_intervals(sampler: str, scheduler_config: dict, steps: int) -> tuple[list[Interval], Tensor]:
     """The intervals of ``sampler`` at ``steps`` and the timestep of every network call."""
     scheduler = make_scheduler(sampler, scheduler_config)
-    scheduler.set_timesteps(steps)
+    set_timesteps(scheduler, steps)
     timesteps = torch.as_tensor(scheduler.timesteps).round().long()
     n = len(timesteps)
     if sampler in SINGLESTEP_SAMPLERS:
@@ -132,6 +133,13 @@ def collect_trajectory(
 ) -> TrajectorySet:
     """Run the FP ``sampler`` on ``n_per_step`` trajectories and build :class:`TrajectorySet` from every call."""
     check_mota_sampler(sampler)
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ConfigError(
+            f"mota works on ε-prediction models and this one predicts {prediction!r} (scheduler prediction_type); "
+            "use --method qdiffusion"
+        )
+    singlestep = sampler in SINGLESTEP_SAMPLERS
     intervals, timesteps = solver_intervals(sampler, scheduler_config, num_inference_steps)
     alphas = make_scheduler("ddpm", scheduler_config).alphas_cumprod.double()
     calls: list[list[tuple[Tensor, ...]]] = []  # per batch, per call: (x, labels, cond, guided eps)
@@ -175,6 +183,9 @@ def collect_trajectory(
             if iv.intermediate:
                 mid = iv.intermediate[-1]
                 aligned.append((batch[mid][0], timesteps[mid].expand(n), lab, con))
+            elif singlestep:
+                # a first-order interval of a singlestep solver (its final steps): its direction is its own ε
+                aligned.append((x, t.expand(n), lab, con))
             else:
                 s = (t + t_end) // 2
                 a, b = first_order_coefficients(alphas[t], alphas[s])

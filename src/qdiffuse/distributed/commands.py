@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qdiffuse.distributed.sampling import remove_shards, sample_sharded
-from qdiffuse.distributed.world import World, agree, join, on_every_rank
+from qdiffuse.distributed.world import World, agree, join, leave, on_every_rank
 
 
 def model_identity(model: str) -> str:
@@ -50,7 +50,11 @@ def sample_launched(
     device = join(world, device)
     agree(world, command)
     on_every_rank(world, check_outputs, main_only=True)
-    loaded, sample_batches = on_every_rank(world, lambda: load(device))  # type: ignore[misc]
+    # rank 0 loads first: a quantized folder without the PTQD statistics this request needs gets them measured
+    # and saved once, and the other ranks then find them
+    first = on_every_rank(world, lambda: load(device), main_only=True)
+    rest = on_every_rank(world, lambda: None if world.is_main else load(device))
+    loaded, sample_batches = first if world.is_main else rest  # type: ignore[misc]
 
     def one_batch(b: int) -> tuple[np.ndarray, np.ndarray | None]:
         images, labels = sample_batches([b])
@@ -62,6 +66,7 @@ def sample_launched(
     result = sample_sharded(world, request, out, identity, one_batch, stats)
     on_every_rank(world, lambda: write(*result) if result is not None else None, main_only=True)
     remove_shards(world, out)
+    leave(world)
     if world.is_main and stats.get("resumed"):
         print(f"resumed {stats['resumed']} of {stats['batches']} batches from an earlier run")
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,24 @@ def _shard_path(folder: Path, batch: int) -> Path:
     return folder / f"batch_{batch:07d}.npz"
 
 
+def _written(path: Path, exc: OSError) -> OutputError:
+    """An OS failure while writing shards, as the one-line error the command line prints."""
+    from qdiffuse.fsutil import _disk_full
+
+    return _disk_full(exc, path) or OutputError(
+        f"cannot write {path} ({exc.strerror or exc}); check the output folder's permissions and space"
+    )
+
+
 def _open(folder: Path, identity: dict[str, Any]) -> None:
     """Create the shard folder for ``identity`` or check that an existing one was made for it."""
+    try:
+        _open_folder(folder, identity)
+    except OSError as exc:
+        raise _written(folder, exc) from None
+
+
+def _open_folder(folder: Path, identity: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST
     if path.is_file():
@@ -70,21 +87,32 @@ def _load_shard(path: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            return data["arr_0"], data["labels"] if "labels" in data else None
-    except (OSError, ValueError, KeyError, EOFError):
+            images = data["arr_0"]
+            labels = data["labels"] if "labels" in data else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
+    if images.dtype != np.uint8 or images.ndim != 4 or (labels is not None and labels.shape != images.shape[:1]):
+        return None
+    return images, labels
 
 
 def _save_shard(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     arrays = {"arr_0": images, **({"labels": labels} if labels is not None else {})}
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())  # a shard that exists is complete, even after a power cut
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _written(path, exc) from None
 
 
-def _step(world: World, action: Callable[[], Any]) -> Any:
-    """``action`` on this rank, then one collective that carries every rank's user error: raised on all ranks."""
+def shared_step(world: World, action: Callable[[], Any]) -> list[Any]:
+    """``action`` on this rank, then one collective that carries every rank's result and user error (or runtime
+    failure): an error is raised on all ranks, otherwise every rank gets the list of results in rank order."""
     from qdiffuse import errors as error_types
     from qdiffuse.errors import QDiffuseError
 
@@ -95,6 +123,10 @@ def _step(world: World, action: Callable[[], Any]) -> Any:
         if not world.joined:
             raise
         error = (type(exc).__name__, str(exc))
+    except RuntimeError as exc:  # e.g. out of GPU memory on one rank: the others must not wait for it
+        if not world.joined:
+            raise
+        error = ("DataError", f"rank {world.rank} failed: {' '.join(str(exc).split())[:200]}")
     reports = gather_objects(world, (result, error))
     failed = [e for _, e in reports if e is not None]
     if failed:
@@ -117,8 +149,8 @@ def sample_sharded(
     stats = {} if stats is None else stats
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as the manifest reads back
     folder = shard_folder(out)
-    _step(world, lambda: _open(folder, identity) if world.is_main else None)  # a foreign folder fails all first
-    _step(world, lambda: None if world.is_main else _open(folder, identity))  # other machines' disks
+    shared_step(world, lambda: _open(folder, identity) if world.is_main else None)  # a foreign folder fails all first
+    shared_step(world, lambda: None if world.is_main else _open(folder, identity))  # other machines' disks
     total = num_batches(request)
     mine = list(range(world.rank, total, world.size))
     rounds = (total + world.size - 1) // world.size
@@ -136,7 +168,7 @@ def sample_sharded(
     resumed = 0
     with progress_bar(f"sampling (all {world.size} ranks)" if world.size > 1 else "sampling", total) as bar:
         for j in range(rounds):
-            counts = _step(world, lambda j=j: one_round(j))
+            counts = shared_step(world, lambda j=j: one_round(j))
             resumed += sum(r for _, r in counts)
             if world.is_main:
                 bar.advance(sum(a + r for a, r in counts))
@@ -153,7 +185,7 @@ def sample_sharded(
             if item is not None:
                 parts[item[0]] = item[1]
     missing = [b for b in range(total) if parts.get(b) is None] if world.is_main else []
-    _step(world, lambda: _raise_missing(folder, missing))
+    shared_step(world, lambda: _raise_missing(folder, missing))
     if not world.is_main:
         return None
     images = np.concatenate([parts[b][0] for b in range(total)])
@@ -172,4 +204,4 @@ def remove_shards(world: World, out: Path) -> None:
     shutil.rmtree(shard_folder(out), ignore_errors=True)
 
 
-__all__ = ["sample_sharded", "remove_shards", "shard_folder", "MANIFEST"]
+__all__ = ["sample_sharded", "shared_step", "remove_shards", "shard_folder", "MANIFEST"]

@@ -102,12 +102,13 @@ def extract_features(
         raise DataError(f"batch size {batch_size} is not positive; pass a batch size of at least 1")
     world = _SHARED.get()
     if world is not None and world.joined and world.size > 1:
-        from qdiffuse.distributed.world import gather_objects
+
+        from qdiffuse.distributed.sampling import shared_step
 
         bounds = np.linspace(0, images.shape[0], world.size + 1).round().astype(int)
         lo, hi = int(bounds[world.rank]), int(bounds[world.rank + 1])
-        local = _extract(net, images[lo:hi], batch_size, device) if hi > lo else None
-        parts = [p for p in gather_objects(world, local) if p is not None]
+        every = shared_step(world, lambda: _extract(net, images[lo:hi], batch_size, device) if hi > lo else None)
+        parts = [p for p in every if p is not None]
         return Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("pool", "logits", "spatial")))
     return _extract(net, images, batch_size, device)
 

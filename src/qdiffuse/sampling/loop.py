@@ -21,7 +21,7 @@ from qdiffuse.errors import ConfigError, DataError
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.noise.schedule import scaled_noise
 from qdiffuse.progress import progress_bar
-from qdiffuse.sampling.schedulers import check_conditioning, make_scheduler, validate_steps
+from qdiffuse.sampling.schedulers import check_conditioning, make_scheduler, set_timesteps, validate_steps
 from qdiffuse.validate import MAX_SEED, check_fits_in_memory, check_number
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor | None, Tensor | None], None]
@@ -155,7 +155,7 @@ def sample(
     request.check_fits(denoiser.sample_shape)
     first = make_scheduler(request.sampler, scheduler_config)
     validate_steps(first, request.steps)
-    first.set_timesteps(request.steps)
+    set_timesteps(first, request.steps)
     check_conditioning(request.sampler, first)
     labels = resolve_labels(denoiser, request.labels, request.num)
     cond = stub_condition(denoiser, request.num) if cond is None else check_condition(denoiser, cond, request.num)
@@ -170,7 +170,7 @@ def sample(
             lo, hi = b * request.batch_size, min(request.num, (b + 1) * request.batch_size)
             scheduler = make_scheduler(request.sampler, scheduler_config)
             validate_steps(scheduler, request.steps)
-            scheduler.set_timesteps(request.steps)
+            set_timesteps(scheduler, request.steps)
             gen = batch_generator(request.seed, b)
             x = torch.randn((hi - lo, *denoiser.sample_shape), generator=gen) * scheduler.init_noise_sigma
             x = x.to(device)

@@ -23,6 +23,8 @@ import inspect
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from qdiffuse.errors import ConfigError, QDiffuseWarning
@@ -82,19 +84,33 @@ def make_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Any:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     config = {k: v for k, v in model_scheduler_config.items() if k in accepted}
     config.update(settings)
-    quiet = logging.getLogger("diffusers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # diffusers logs its own fix-ups of incompatible final-step settings
     try:
-        return cls.from_config(config)
+        with _quiet_diffusers():
+            return cls.from_config(config)
     except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError(
             f"the model's scheduler settings cannot build {class_name} ({reason[:200]}); fix "
             "scheduler/scheduler_config.json (beta_schedule: linear, scaled_linear or squaredcos_cap_v2)"
         ) from None
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs its own fix-ups of incompatible final-step settings (singlestep DPM-Solver forces
+    ``lower_order_final``) at every construction and ``set_timesteps``: expected here, not news to the user."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        quiet.setLevel(level)
+        logger.setLevel(level)
+
+
+def set_timesteps(scheduler: Any, steps: int) -> None:
+    with _quiet_diffusers():
+        scheduler.set_timesteps(steps)
 
 
 def check_conditioning(name: str, scheduler: Any) -> None:
@@ -137,6 +153,7 @@ __all__ = [
     "sampler_settings",
     "make_scheduler",
     "check_conditioning",
+    "set_timesteps",
     "check_schedule",
     "validate_steps",
 ]

@@ -108,3 +108,49 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="DDPMPipeline is not supported yet; qdiffuse quantizes StableDiffusion"):
         qdiffuse.quantize(DDPMPipeline(unet=pipe.unet, scheduler=pipe.scheduler), QuantConfig.from_scheme("w8a8"))
+
+
+def test_command_line_on_pipeline_folders(tmp_path: Path) -> None:
+    """quantize a pipeline folder with a prompt file, sample FP and quantized with shared seeds, info, bad input."""
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "qdiffuse")
+
+    def run(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    tiny_sd(tmp_path).save_pretrained(tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a red cat\n\na blue dog\n")
+    q = tmp_path / "q"
+    res = run("quantize", tmp_path / "sd", "--out", q, "--scheme", "w8a8", "--prompts", tmp_path / "prompts.txt",
+              "--calib-inference-steps", 3, "--calib-steps", 3, "--guidance", 4)
+    assert res.returncode == 0, res.stderr[-2000:]
+    common = ("--prompts", tmp_path / "prompts.txt", "--num", 3, "--steps", 3, "--guidance", 4, "-q")
+    assert run("sample", q, "--out", tmp_path / "q.npz", *common).returncode == 0
+    assert run("sample", tmp_path / "sd", "--out", tmp_path / "fp.npz", *common).returncode == 0
+    with np.load(tmp_path / "q.npz") as qz, np.load(tmp_path / "fp.npz") as fz:
+        assert qz["arr_0"].shape == fz["arr_0"].shape == (3, 16, 16, 3) and qz["arr_0"].dtype == np.uint8
+        assert qz["labels"].tolist() == [0, 1, 0]
+    info = run("info", q)
+    assert info.returncode == 0 and "quantized: unet; FP, untouched: scheduler, text_encoder, tokenizer, vae" in (
+        info.stdout
+    ), info.stdout + info.stderr
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02")
+    for args, fragment in (
+        (("--prompts", tmp_path / "empty.txt"), "holds no prompts"),
+        (("--prompts", tmp_path / "binary.txt"), "is not text"),
+        ((), "pass --prompt TEXT or --prompts FILE"),
+    ):
+        bad = run("sample", q, "--out", tmp_path / "bad.npz", "--num", 2, "--steps", 2, *args)
+        lines = [line for line in bad.stderr.splitlines() if line.strip()]
+        assert bad.returncode == 2 and len(lines) == 1 and fragment in lines[0], bad.stderr[-1000:]
+        assert not (tmp_path / "bad.npz").exists()
+    index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
+    bad = run("quantize", tmp_path / "sd", "--out", tmp_path / "q2")
+    assert bad.returncode == 2 and "StableDiffusionXLPipeline is not supported yet" in bad.stderr
+    assert not (tmp_path / "q2").exists()

@@ -143,10 +143,18 @@ def quantize(
     calib_steps: Annotated[int, typer.Option(help="Sampler steps to take calibration inputs from.")] = 20,
     calib_per_step: Annotated[int, typer.Option(help="Trajectories (inputs per calibration step).")] = 32,
     calib_sampler: Annotated[
-        str, typer.Option(help="Sampler that generates calibration data (mota: the solver you will sample with).")
-    ] = "ddim",
+        str | None,
+        typer.Option(help="Sampler that generates calibration data (mota: the solver you will sample with). "
+                     "Default: ddim; a pipeline's own scheduler for pipeline folders."),
+    ] = None,
     calib_inference_steps: Annotated[int, typer.Option(help="Steps of that sampler.")] = 50,
-    guidance: Annotated[float, typer.Option(help="Guidance you will sample with (calibrates both halves).")] = 1.0,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Guidance you will sample with (calibrates both halves). Default 1; 7.5 for pipelines."),
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Pipeline folders: calibration prompts, one per line (default: a built-in set).")
+    ] = None,
     labels: Annotated[str | None, typer.Option(help="Classes to calibrate on, e.g. 0-9.")] = None,
     keep_fp: Annotated[list[str] | None, typer.Option(help="Layer-name pattern to keep in full precision.")] = None,
     no_keep_8bit: Annotated[bool, typer.Option("--no-keep-8bit", help="Quantize first/last layers too.")] = False,
@@ -227,9 +235,16 @@ def quantize(
     from qdiffuse.config import DEFAULT_FP_INPUT, DEFAULT_KEEP_8BIT, QuantConfig
     from qdiffuse.fsutil import QUANTIZED_FOLDER, check_output_path
     from qdiffuse.pipeline import quantize_folder
+    from qdiffuse.pipelines.commands import is_pipeline_folder
     from qdiffuse.sampling.loop import SampleRequest
 
-    check_sampler(calib_sampler, "--calib-sampler")
+    pipeline = is_pipeline_folder(model)
+    if calib_sampler is not None:
+        check_sampler(calib_sampler, "--calib-sampler")
+    if guidance is None:
+        guidance = 7.5 if pipeline else 1.0
+    if prompts is not None and not pipeline:
+        raise ConfigError("--prompts calibrates pipeline folders (model_index.json); this model takes --labels")
     config = QuantConfig.from_scheme(
         scheme,
         method=method,
@@ -248,7 +263,7 @@ def quantize(
         **({} if guard_db is None else {"guard_db": guard_db}),
         calib_steps=calib_steps,
         calib_per_step=calib_per_step,
-        calib_sampler=calib_sampler,
+        calib_sampler=calib_sampler or "ddim",
         calib_num_inference_steps=calib_inference_steps,
         seed=seed,
         recon_iters=recon_iters,
@@ -270,11 +285,19 @@ def quantize(
     check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise ConfigError(f"--checkpoint-dir {checkpoint_dir} is a file; pass a folder (created if missing)")
+    if pipeline:
+        from qdiffuse.pipelines.commands import quantize_pipeline_folder
+
+        quantize_pipeline_folder(
+            model, out, config, prompts, guidance=guidance, steps=calib_inference_steps, sampler=calib_sampler,
+            overwrite=overwrite, device=resolve_device(device),
+        )
+        return
     label_list = parse_labels(labels)
     analysis = SampleRequest(
         num=analysis_num,
         steps=calib_inference_steps,
-        sampler=calib_sampler,
+        sampler=calib_sampler or "ddim",
         eta=analysis_eta,
         seed=seed + 7919,
         labels=label_list,
@@ -320,11 +343,17 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npz (arr_0 uint8 NHWC, labels).")],
     num: Annotated[int, typer.Option("--num", "-n", help="Number of images.")] = 64,
     steps: int = 50,
-    sampler: Annotated[str, typer.Option(help=SAMPLER_HELP)] = "ddim",
+    sampler: Annotated[
+        str | None, typer.Option(help=SAMPLER_HELP + " Default: ddim; a pipeline's own scheduler for pipelines.")
+    ] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like).")] = 0.0,
     seed: int = 0,
     labels: Annotated[str | None, typer.Option(help="Classes to cycle through, e.g. 0-9.")] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none).")] = 1.0,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (1: none). Default 1; 7.5 for pipelines.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Pipelines: the text to generate from.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Pipelines: prompts to cycle through, one per line.")] = None,
     grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid.")] = None,
     condition: Annotated[Path | None, typer.Option(help="safetensors with encoder_hidden_states.")] = None,
     ptqd: Annotated[
@@ -352,7 +381,23 @@ def sample(
     from qdiffuse.pipeline import load_any, sampling_hooks
     from qdiffuse.sampling.loop import SampleRequest, to_uint8
 
-    check_sampler(sampler, "--sampler")
+    if sampler is not None:
+        check_sampler(sampler, "--sampler")
+    from qdiffuse.pipelines.commands import is_pipeline_folder
+
+    if is_pipeline_folder(model):
+        from qdiffuse.pipelines.commands import sample_pipeline_folder
+
+        sample_pipeline_folder(
+            model, out, prompt=prompt, prompts=prompts, num=num, steps=steps, sampler=sampler,
+            guidance=7.5 if guidance is None else guidance, seed=seed, batch_size=batch_size, grid=grid,
+            overwrite=overwrite, device=resolve_device(device), runtime=runtime, verify=not no_verify,
+        )
+        return
+    if prompt is not None or prompts is not None:
+        raise ConfigError("--prompt/--prompts drive pipeline folders (model_index.json); this model takes --labels")
+    sampler = sampler or "ddim"
+    guidance = 1.0 if guidance is None else guidance
     request = SampleRequest(
         num=num,
         steps=steps,
@@ -500,7 +545,18 @@ def info(
     import json
 
     from qdiffuse.io import describe_folder, is_quantized_folder
+    from qdiffuse.pipelines.stable_diffusion import PIPELINE_FILE, is_quantized_pipeline
 
+    if is_quantized_pipeline(folder):
+        marker = json.loads((Path(folder) / PIPELINE_FILE).read_text())
+        component = str(marker.get("denoiser"))
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        others = sorted(
+            k for k, v in index.items()
+            if not k.startswith("_") and k != component and isinstance(v, list) and v[0] is not None
+        )
+        typer.echo(f"pipeline:   {marker.get('pipeline')}; quantized: {component}; FP, untouched: {', '.join(others)}")
+        folder = Path(folder) / component
     if not is_quantized_folder(folder):
         raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
     from qdiffuse.io import load_quantized

@@ -1,0 +1,213 @@
+"""``quantize`` and ``sample`` on pipeline folders (``model_index.json``): the command-line side of pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdiffuse.errors import ConfigError, DataError, ModelLoadError
+
+MAX_PROMPT_FILE = 16 * 2**20
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def read_prompts(path: Path | None, prompt: str | None = None) -> list[str] | None:
+    """Prompts from ``--prompt`` or a ``--prompts`` file (UTF-8 text, one per line, blank lines skipped)."""
+    if prompt is not None and path is not None:
+        raise ConfigError("give --prompt or --prompts, not both")
+    if prompt is not None:
+        if not prompt.strip():
+            raise DataError("--prompt is empty; give the text to generate from")
+        return [prompt.strip()]
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--prompts {path} is not a file; pass a text file with one prompt per line")
+    if path.stat().st_size > MAX_PROMPT_FILE:
+        raise DataError(f"--prompts {path} is larger than 16 MiB; that is not a prompt list")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError(f"--prompts {path} is not text (it holds NUL bytes); pass a UTF-8 file, one prompt per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"--prompts {path} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"--prompts {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def load_fp_pipeline(folder: str | Path, device: str) -> Any:
+    """diffusers' own ``from_pretrained`` on a pipeline folder, with one-line errors for what users get wrong."""
+    import diffusers
+
+    from qdiffuse.models.loading import read_json
+    from qdiffuse.pipelines.stable_diffusion import SUPPORTED
+
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json", "model_index.json")
+    name = index.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise ModelLoadError(f"{folder / 'model_index.json'} names {name!r}, which this diffusers does not have")
+    if name not in SUPPORTED:
+        raise ConfigError(
+            f"{name} is not supported yet; qdiffuse quantizes {', '.join(SUPPORTED)} pipelines (and bare "
+            "UNet2DModel, UNet2DConditionModel and DiT denoisers)"
+        )
+    missing = [c for c, spec in index.items() if not c.startswith("_") and isinstance(spec, list)
+               and spec[0] is not None and not (folder / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder} lacks the component folder(s) {', '.join(missing)} model_index.json names")
+    try:
+        pipe = cls.from_pretrained(folder)
+    except (OSError, ValueError, ImportError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the pipeline in {folder} ({' '.join(str(exc).split())[:200]})") from None
+    return pipe.to(device)
+
+
+def check_size(pipe: Any, height: int | None, width: int | None) -> None:
+    """The VAE halves the image size once per down block: sizes it cannot take fail before any work."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and (value <= 0 or value % factor):
+            raise ConfigError(f"{flag} {value} is not a positive multiple of {factor} (the VAE's scale factor)")
+
+
+def generate(
+    pipe: Any,
+    prompts: list[str],
+    *,
+    num: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch_size: int,
+    height: int | None,
+    width: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` images cycling through ``prompts`` as uint8 NHWC and the prompt index of each; batch b draws from
+    its own generator (seed, b), so FP and quantized pipelines share their noise image by image."""
+    import torch
+
+    from qdiffuse.sampling.loop import batch_generator
+
+    check_size(pipe, height, width)
+    which = np.array([i % len(prompts) for i in range(num)], dtype=np.int64)
+    out = []
+    for b, lo in enumerate(range(0, num, batch_size)):
+        batch = [prompts[i] for i in which[lo : lo + batch_size]]
+        with torch.no_grad():
+            images = pipe(
+                batch, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                generator=batch_generator(seed, b), output_type="np",
+            ).images
+        out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
+    return np.concatenate(out), which
+
+
+
+
+def _use_sampler(pipe: Any, sampler: str | None) -> None:
+    """``--sampler`` swaps the pipeline's scheduler for one built from its own config (None keeps it)."""
+    if sampler is not None:
+        from qdiffuse.sampling.schedulers import make_scheduler
+
+        pipe.scheduler = make_scheduler(sampler, dict(pipe.scheduler.config))
+
+
+def quantize_pipeline_folder(
+    folder: str,
+    out: Path,
+    config: Any,
+    prompts_file: Path | None,
+    *,
+    guidance: float,
+    steps: int,
+    sampler: str | None,
+    overwrite: bool,
+    device: str,
+) -> None:
+    """``qdiffuse quantize PIPELINE_FOLDER``: calibrate by running the pipeline, save the pipeline folder."""
+    import typer
+
+    from qdiffuse.pipelines.stable_diffusion import quantize_pipeline, save_pipeline
+
+    prompts = read_prompts(prompts_file)
+    pipe = load_fp_pipeline(folder, device)
+    pipe.set_progress_bar_config(disable=True)
+    original = pipe.scheduler
+    _use_sampler(pipe, sampler)
+    quantize_pipeline(pipe, config, prompts, num_inference_steps=steps, guidance_scale=guidance)
+    pipe.scheduler = original
+    save_pipeline(pipe, out, overwrite)
+    typer.echo(f"wrote {out} ({type(pipe).__name__}, unet {config.scheme} {config.method}; other components FP)")
+
+
+def sample_pipeline_folder(
+    folder: str,
+    out: Path,
+    *,
+    prompt: str | None,
+    prompts: Path | None,
+    num: int,
+    steps: int,
+    sampler: str | None,
+    guidance: float,
+    seed: int,
+    batch_size: int,
+    grid: Path | None,
+    overwrite: bool,
+    device: str,
+    runtime: str,
+    verify: bool,
+    height: int | None = None,
+    width: int | None = None,
+) -> None:
+    """``qdiffuse sample PIPELINE_FOLDER --prompts FILE``: the real pipeline (text encoding, guidance, VAE
+    decoding), written as the ADM-style npz (``labels`` holds each image's prompt index)."""
+    import typer
+
+    from qdiffuse.fsutil import PNG, SAMPLES, check_output_path
+    from qdiffuse.imageio import save_grid, save_samples
+    from qdiffuse.pipelines.stable_diffusion import is_quantized_pipeline, load_pipeline
+    from qdiffuse.sampling.loop import SampleRequest
+
+    texts = read_prompts(prompts, prompt)
+    if texts is None:
+        raise ConfigError("a pipeline generates from text; pass --prompt TEXT or --prompts FILE")
+    SampleRequest(num=num, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)  # the number checks
+    inputs = [Path(folder), *([prompts] if prompts is not None else [])]
+    check_output_path(out, overwrite, SAMPLES, inputs)
+    if grid is not None:
+        check_output_path(grid, overwrite, PNG, inputs)
+    quantized = is_quantized_pipeline(folder)
+    pipe = load_pipeline(folder, device, runtime, verify) if quantized else load_fp_pipeline(folder, device)
+    _use_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    images, which = generate(
+        pipe, texts, num=num, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, height=height,
+        width=width,
+    )
+    save_samples(out, images, which, overwrite, inputs)
+    if grid is not None:
+        save_grid(grid, images, overwrite, inputs=inputs)
+    typer.echo(f"wrote {out} ({images.shape[0]} images from {len(texts)} prompt(s))")
+
+
+__all__ = [
+    "is_pipeline_folder",
+    "read_prompts",
+    "load_fp_pipeline",
+    "check_size",
+    "generate",
+    "quantize_pipeline_folder",
+    "sample_pipeline_folder",
+]

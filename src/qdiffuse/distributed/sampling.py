@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from qdiffuse.distributed.world import World, gather_objects, gather_to_main
+from qdiffuse.distributed.world import World, barrier, gather_to_main, run_and_share
 from qdiffuse.errors import OutputError
 from qdiffuse.progress import progress_bar
 from qdiffuse.sampling.loop import SampleRequest, num_batches
@@ -111,28 +111,9 @@ def _save_shard(path: Path, images: np.ndarray, labels: np.ndarray | None) -> No
 
 
 def shared_step(world: World, action: Callable[[], Any]) -> list[Any]:
-    """``action`` on this rank, then one collective that carries every rank's result and user error (or runtime
-    failure): an error is raised on all ranks, otherwise every rank gets the list of results in rank order."""
-    from qdiffuse import errors as error_types
-    from qdiffuse.errors import QDiffuseError
-
-    result, error = None, None
-    try:
-        result = action()
-    except QDiffuseError as exc:
-        if not world.joined:
-            raise
-        error = (type(exc).__name__, str(exc))
-    except RuntimeError as exc:  # e.g. out of GPU memory on one rank: the others must not wait for it
-        if not world.joined:
-            raise
-        error = ("DataError", f"rank {world.rank} failed: {' '.join(str(exc).split())[:200]}")
-    reports = gather_objects(world, (result, error))
-    failed = [e for _, e in reports if e is not None]
-    if failed:
-        kind, message = failed[0]
-        raise getattr(error_types, kind, OutputError)(message)
-    return [r for r, _ in reports]
+    """``action`` on this rank, then every rank's result in rank order; a user error or runtime failure on any
+    rank is raised on all of them (:func:`~qdiffuse.distributed.world.run_and_share`)."""
+    return run_and_share(world, action, share_results=True, runtime_errors=True)[1] or []
 
 
 def sample_sharded(
@@ -200,7 +181,7 @@ def _raise_missing(folder: Path, missing: list[int]) -> None:
 
 def remove_shards(world: World, out: Path) -> None:
     """After the output is written: every rank removes its shard folder (one folder or one per machine)."""
-    gather_objects(world, None)
+    barrier(world)
     shutil.rmtree(shard_folder(out), ignore_errors=True)
 
 

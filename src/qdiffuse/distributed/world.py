@@ -140,27 +140,45 @@ def barrier(world: World) -> None:
     gather_objects(world, None)  # an object collective: works on gloo and NCCL alike, and fails like the others
 
 
-def on_every_rank(world: World, step: Callable[[], T], main_only: bool = False) -> T | None:
-    """Run ``step`` (on rank 0 alone with ``main_only``) and share its outcome: a user error on any rank is
-    raised on every rank, so no rank waits forever in a later collective for one that already gave up."""
+def run_and_share(
+    world: World,
+    step: Callable[[], T],
+    *,
+    run_here: bool = True,
+    share_results: bool = False,
+    runtime_errors: bool = False,
+) -> tuple[T | None, list[Any] | None]:
+    """Run ``step`` on this rank (if ``run_here``), then one collective carrying every rank's user error (and,
+    with ``runtime_errors``, a ``RuntimeError`` such as running out of GPU memory, as one line): an error on any
+    rank is raised on every rank, so none waits forever in a later collective for one that already gave up.
+    Returns this rank's result and, with ``share_results``, every rank's result in rank order."""
+    from qdiffuse import errors as error_types
     from qdiffuse.errors import QDiffuseError
 
     result: T | None = None
-    error: str | None = None
-    if world.is_main or not main_only:
+    error: tuple[str, str] | None = None
+    if run_here:
         try:
             result = step()
         except QDiffuseError as exc:
             if not world.joined:
                 raise
-            error = f"{type(exc).__name__}:{exc}"
-    errors = [e for e in gather_objects(world, error) if e is not None]
-    if errors:
-        kind, _, message = errors[0].partition(":")
-        from qdiffuse import errors as error_types
-
+            error = (type(exc).__name__, str(exc))
+        except RuntimeError as exc:
+            if not (world.joined and runtime_errors):
+                raise
+            error = ("DataError", f"rank {world.rank} failed: {' '.join(str(exc).split())[:200]}")
+    reports = gather_objects(world, (result if share_results else None, error))
+    failed = [e for _, e in reports if e is not None]
+    if failed:
+        kind, message = failed[0]
         raise getattr(error_types, kind, ConfigError)(message)
-    return result
+    return result, [r for r, _ in reports] if share_results else None
+
+
+def on_every_rank(world: World, step: Callable[[], T], main_only: bool = False) -> T | None:
+    """Run ``step`` (on rank 0 alone with ``main_only``) and share its user errors with every rank."""
+    return run_and_share(world, step, run_here=world.is_main or not main_only)[0]
 
 
 def agree(world: World, command: dict[str, Any]) -> None:
@@ -188,6 +206,7 @@ __all__ = [
     "leave",
     "agree",
     "on_every_rank",
+    "run_and_share",
     "barrier",
     "gather_objects",
     "gather_to_main",

@@ -1,5 +1,5 @@
-"""diffusers pipelines end to end on a tiny random Stable Diffusion pipeline built from configs: calibration by the
-pipeline's own calls, quantize -> save -> load -> pipe(prompt), and the refusals."""
+"""diffusers pipelines end to end on tiny random pipelines built from configs (SD, SDXL, PixArt-Sigma, SD3, FLUX):
+calibration by the pipeline's own calls, quantize -> save -> load -> pipe(prompt), the command line, the refusals."""
 
 from __future__ import annotations
 
@@ -12,52 +12,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from pipeline_fixtures import CALLS, FIXTURES, tiny_sd  # noqa: E402
+
 import qdiffuse  # noqa: E402
 from qdiffuse.config import QuantConfig  # noqa: E402
 from qdiffuse.errors import ConfigError, DataError, ModelLoadError  # noqa: E402
-from qdiffuse.pipelines.stable_diffusion import collect_pipeline_calibration  # noqa: E402
+from qdiffuse.pipelines.calibrate import collect_pipeline_calibration  # noqa: E402
 from qdiffuse.progress import set_progress_enabled  # noqa: E402
 
 set_progress_enabled(False)
-
-
-def tiny_tokenizer(root: Path) -> object:
-    """A CLIP tokenizer from a character vocabulary written here (no download)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(
-        str(root / "vocab.json"), str(root / "merges.txt"), pad_token="<|endoftext|>", model_max_length=16
-    )
-
-
-def tiny_sd(root: Path) -> object:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer(root)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=8, sample_size=16,
-    )
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
 
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree"]
@@ -67,14 +30,15 @@ CALL = {"num_inference_steps": 3, "height": 16, "width": 16, "guidance_scale": 4
 def test_calibration_records_the_pipelines_own_denoiser_calls(tmp_path: Path) -> None:
     pipe = tiny_sd(tmp_path)
     calib = collect_pipeline_calibration(pipe, PROMPTS, calib_steps=3, **CALL)
-    # 3 prompts x 3 steps x 2 guided halves, latent 4 x 2 x 2 (16 px / the VAE's factor 2... of 2 blocks)
-    assert len(calib) == 3 * 3 * 2 and calib.x.shape[1] == 4
-    assert calib.cond.shape == (18, 16, 32)
+    # 3 prompts x 3 steps x 2 guided halves, latent 4 x 8 x 8 (16 px over the VAE's factor 2)
+    assert len(calib) == 3 * 3 * 2 and calib.x.shape == (18, 4, 8, 8)
+    text = calib.cond.rows["encoder_hidden_states"]
+    assert text.shape == (18, 16, 32)
     # the halves differ (text vs empty prompt) and the text embeddings are the encoder's, not a stub
     with torch.no_grad():
         ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=16, return_tensors="pt").input_ids
         embeds = pipe.text_encoder(ids)[0]
-    torch.testing.assert_close(calib.cond[3:6], embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text[3:6], embeds, atol=1e-5, rtol=1e-5)
     assert sorted(set(calib.t.tolist()), reverse=True) == [int(t) for t in pipe.scheduler.timesteps]
 
 
@@ -100,7 +64,8 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="prompt list is empty"):
         qdiffuse.quantize(pipe, QuantConfig.from_scheme("w8a8"), prompts=["  ", ""], **CALL)
     with pytest.raises(ConfigError, match="not built yet"):
-        qdiffuse.quantize(pipe, QuantConfig.from_scheme("w8a8", method="ptqd"), prompts=PROMPTS, **CALL)
+        qdiffuse.quantize(pipe, QuantConfig.from_scheme("w8a8", method="mota", calib_sampler="dpm++2m"),
+                          prompts=PROMPTS, **CALL)
     with pytest.raises(ModelLoadError, match="not quantized"):
         qdiffuse.save(pipe, tmp_path / "q")
     assert not (tmp_path / "q").exists()
@@ -149,8 +114,100 @@ def test_command_line_on_pipeline_folders(tmp_path: Path) -> None:
         assert bad.returncode == 2 and len(lines) == 1 and fragment in lines[0], bad.stderr[-1000:]
         assert not (tmp_path / "bad.npz").exists()
     index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "DDPMPipeline"
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
     bad = run("quantize", tmp_path / "sd", "--out", tmp_path / "q2")
-    assert bad.returncode == 2 and "StableDiffusionXLPipeline is not supported yet" in bad.stderr
+    assert bad.returncode == 2 and "DDPMPipeline is not supported yet" in bad.stderr
     assert not (tmp_path / "q2").exists()
+
+
+FAMILY_PROMPTS = ["a red cat", "a blue dog", "a green tree"]
+
+
+def _generate(pipe: object, name: str) -> np.ndarray:
+    return pipe("a red cat", generator=torch.Generator().manual_seed(1), output_type="np", **CALLS[name]).images
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_every_pipeline_family_quantize_save_load_generate(name: str, tmp_path: Path) -> None:
+    """SD, SDXL, PixArt-Sigma, SD3 and FLUX: W8A8 through the pipeline's own calls, the saved pipeline is the
+    quantized one (same images after loading, with real kernels), and the per-architecture layer policy holds."""
+    pipe = FIXTURES[name](tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    fp_images = _generate(pipe, name)
+    component = "unet" if name in ("sd", "sdxl") else "transformer"
+    config = QuantConfig.from_scheme("w4a8", calib_steps=2)
+    qdiffuse.quantize(pipe, config, prompts=FAMILY_PROMPTS, **CALLS[name])
+    q_images = _generate(pipe, name)
+    assert np.isfinite(q_images).all() and np.abs(q_images - fp_images).max() > 0
+    folder = qdiffuse.save(pipe, tmp_path / "q")
+    assert (folder / component / "quantization.json").is_file() and (folder / "README.md").is_file()
+    assert f"`{component}` quantized" not in (folder / "README.md").read_text()  # the card names it, FP list apart
+    loaded = qdiffuse.load_pipeline(folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is type(pipe)
+    np.testing.assert_allclose(_generate(loaded, name), q_images, atol=1e-5)
+
+    from qdiffuse.kernels import runtime_report
+
+    model = getattr(loaded, component)
+    assert runtime_report(model).summary()  # real runtime by default
+    labels = {p.name: p.label for p in qdiffuse.api.quant_state(model).plan}
+    eight_bit = {
+        "sdxl": "add_embedding.linear_1",
+        "pixart": "adaln_single.linear",
+        "sd3": "context_embedder",
+        "flux": "single_transformer_blocks.0.norm.linear",
+    }
+    if name in eight_bit:
+        assert labels[eight_bit[name]].startswith("W:int8"), labels[eight_bit[name]]
+    first = {"sd": "conv_in", "sdxl": "conv_in", "pixart": "pos_embed.proj", "sd3": "pos_embed.proj",
+             "flux": "x_embedder"}[name]
+    assert labels[first] == "W:int8-sym-channel A:fp", labels[first]  # reads x_t: 8-bit weights, FP input
+    four_bit = [label for label in labels.values() if label.startswith("W:int4")]
+    assert four_bit, labels
+
+
+def test_calibration_replays_each_familys_extra_inputs(tmp_path: Path) -> None:
+    """What each pipeline passes besides (x_t, t): recorded per row when batch-first, once when constant, and
+    replayed verbatim (the replayed FP output equals the output the pipeline's own call produced)."""
+    from qdiffuse.models.denoiser import Denoiser
+
+    seen = {}
+    for name, builder in FIXTURES.items():
+        (tmp_path / name).mkdir()
+        pipe = builder(tmp_path / name)
+        pipe.set_progress_bar_config(disable=True)
+        component = "unet" if name in ("sd", "sdxl") else "transformer"
+        model = getattr(pipe, component)
+        outputs: list[torch.Tensor] = []
+        handle = model.register_forward_hook(lambda _m, _a, out, box=outputs: box.append(out[0].detach().clone()))
+        calib = collect_pipeline_calibration(pipe, FAMILY_PROMPTS[:2], calib_steps=2, **CALLS[name])
+        handle.remove()
+        seen[name] = calib
+        denoiser = Denoiser.from_model(model)
+        with torch.no_grad():
+            replay = torch.cat([denoiser.forward_raw(*b) for b in calib.batches(3)])
+        torch.testing.assert_close(replay, torch.cat(outputs), atol=1e-5, rtol=1e-5)
+    sdxl = seen["sdxl"].cond
+    assert sdxl.rows["added_cond_kwargs.text_embeds"].shape[0] == len(seen["sdxl"])
+    assert sdxl.rows["added_cond_kwargs.time_ids"].shape == (len(seen["sdxl"]), 6)
+    pixart = seen["pixart"].cond
+    assert "encoder_attention_mask" in pixart.rows and pixart.constants["added_cond_kwargs.resolution"] is None
+    flux = seen["flux"]
+    assert flux.cond.constants["img_ids"].shape == (16, 3) and flux.cond.constants["txt_ids"].shape == (16, 3)
+    assert flux.t.max() <= 1.0 and seen["sd3"].t.max() > 1.0  # each as its pipeline passes it
+    # a calibration file round-trips every part
+    path = tmp_path / "flux-calib.safetensors"
+    flux.save(path)
+    again = type(flux).load(path)
+    assert again.cond.digest() == flux.cond.digest() and torch.equal(again.x, flux.x)
+
+
+def test_bare_pipeline_denoisers_are_refused_outside_their_pipeline(tmp_path: Path) -> None:
+    from qdiffuse.models.denoiser import Denoiser
+
+    pipe = FIXTURES["flux"](tmp_path)
+    denoiser = Denoiser.from_model(pipe.transformer)
+    with pytest.raises(ConfigError, match="driven by its diffusers pipeline; quantize the pipeline folder"):
+        denoiser.forward_raw(torch.zeros(1, 16, 64), torch.zeros(1))

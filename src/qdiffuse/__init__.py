@@ -20,7 +20,7 @@ def quantize(
     from qdiffuse.errors import ConfigError
 
     if hasattr(model, "components") and hasattr(model, "scheduler"):
-        from qdiffuse.pipelines.stable_diffusion import quantize_pipeline
+        from qdiffuse.pipelines.quantize import quantize_pipeline
 
         return quantize_pipeline(model, config, prompts, **kwargs)
     if prompts is not None:
@@ -32,18 +32,22 @@ def quantize(
     return quantize_module(model, scheduler_config, config, **kwargs)
 
 
-def save(pipe: Any, path: Any, overwrite: bool = False) -> Any:
-    """Save a pipeline whose denoiser :func:`quantize` quantized (see :func:`load_pipeline`)."""
-    from qdiffuse.pipelines.stable_diffusion import save_pipeline
+def save(pipe: Any, path: Any, overwrite: bool = False, source: Any = None) -> Any:
+    """Save a pipeline whose denoiser :func:`quantize` quantized, with its PTQD statistics if it has them (see
+    :func:`load_pipeline`). ``source``: the FP pipeline folder, for ``qdiffuse analyze``."""
+    from qdiffuse.pipelines.store import save_pipeline
 
-    return save_pipeline(pipe, path, overwrite)
+    return save_pipeline(pipe, path, overwrite, None if source is None else str(source))
 
 
-def load_pipeline(path: Any, device: str = "cpu", runtime: str = "real", verify: bool = True) -> Any:
-    """A saved quantized pipeline as its diffusers pipeline class, ready for ``pipe(prompt, ...)``."""
-    from qdiffuse.pipelines.stable_diffusion import load_pipeline as load
+def load_pipeline(
+    path: Any, device: str = "cpu", runtime: str = "real", verify: bool = True, ptqd: bool = True
+) -> Any:
+    """A saved quantized pipeline as its diffusers pipeline class, ready for ``pipe(prompt, ...)``; its scheduler
+    is a :class:`PTQDScheduler` when the folder holds noise statistics (and ``ptqd``)."""
+    from qdiffuse.pipelines.store import load_pipeline as load
 
-    return load(path, device, runtime, verify)
+    return load(path, device, runtime, verify, ptqd)
 
 
 def __getattr__(name: str) -> Any:
@@ -51,7 +55,11 @@ def __getattr__(name: str) -> Any:
         from qdiffuse.config import QuantConfig
 
         return QuantConfig
+    if name == "PTQDScheduler":
+        from qdiffuse.pipelines.ptqd import PTQDScheduler
+
+        return PTQDScheduler
     raise AttributeError(f"module 'qdiffuse' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "quantize", "save", "load_pipeline", "QuantConfig"]
+__all__ = ["__version__", "quantize", "save", "load_pipeline", "QuantConfig", "PTQDScheduler"]

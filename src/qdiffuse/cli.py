@@ -469,13 +469,20 @@ def sample(
 
 @app.command()
 def analyze(
-    folder: Annotated[Path, typer.Argument(help="A quantized model folder.")],
+    folder: Annotated[Path, typer.Argument(help="A quantized model folder or quantized pipeline folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (plots, JSON, Markdown).")],
     num: Annotated[int, typer.Option("--num", "-n", help="FP trajectories to measure on.")] = 64,
     steps: int = 50,
-    sampler: Annotated[str, typer.Option(help="Sampler you will sample with.")] = "ddim",
+    sampler: Annotated[
+        str | None, typer.Option(help="Sampler you will sample with. Default: ddim; a pipeline's own scheduler.")
+    ] = None,
     eta: float = 0.0,
-    guidance: float = 1.0,
+    guidance: Annotated[
+        float | None, typer.Option(help="Guidance you will sample with. Default 1; 7.5 for pipelines.")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Pipelines: prompt file, one per line (cycled to --num).")
+    ] = None,
     labels: Annotated[str | None, typer.Option(help="Classes, e.g. 0-9.")] = None,
     seed: int = 0,
     fp_model: Annotated[str | None, typer.Option("--fp", help="FP model (default: the folder's source).")] = None,
@@ -497,9 +504,23 @@ def analyze(
     from qdiffuse.noise.precision import PlanSwitcher, load_plan
     from qdiffuse.noise.report import write_report
     from qdiffuse.noise.store import save_stats
+    from qdiffuse.pipelines.store import is_quantized_pipeline
     from qdiffuse.sampling.loop import SampleRequest
     from qdiffuse.sampling.loop import sample as run_sample
 
+    if is_quantized_pipeline(folder):
+        from qdiffuse.pipelines.commands import analyze_pipeline_folder
+
+        analyze_pipeline_folder(
+            folder, out, prompts_file=prompts, num=num, steps=steps, sampler=sampler,
+            guidance=7.5 if guidance is None else guidance, seed=seed, fp=fp_model, batch_size=batch_size,
+            overwrite=overwrite, device=resolve_device(device), verify=not no_verify,
+        )
+        return
+    if prompts is not None:
+        raise ConfigError("--prompts is for quantized pipeline folders; this model takes --labels")
+    sampler = sampler or "ddim"
+    guidance = 1.0 if guidance is None else guidance
     if not is_quantized_folder(folder):
         raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")
     check_sampler(sampler, "--sampler")
@@ -545,7 +566,7 @@ def info(
     import json
 
     from qdiffuse.io import describe_folder, is_quantized_folder
-    from qdiffuse.pipelines.stable_diffusion import PIPELINE_FILE, is_quantized_pipeline
+    from qdiffuse.pipelines.store import PIPELINE_FILE, is_quantized_pipeline
 
     if is_quantized_pipeline(folder):
         marker = json.loads((Path(folder) / PIPELINE_FILE).read_text())

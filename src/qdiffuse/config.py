@@ -107,21 +107,30 @@ DEFAULT_GUARD_DB = 3.0
 HIGH_PRECISION = "w8a8"
 """Scheme for layers the policy keeps at higher precision when the main scheme is lower."""
 
-DEFAULT_KEEP_8BIT = (
-    "conv_in",
-    "conv_out",
-    "time_embedding.*",
-    "class_embedding",
-    "pos_embed.proj",
-    "proj_out*",
-    "*.norm1.emb.*",
-    "transformer_blocks.*.norm1.linear",
-)
-"""Layers Q-Diffusion and PTQD keep at 8 bits: first and last layers, the time/class embedding path and the DiT
-adaLN modulation, whose errors shift every later feature."""
+KEEP_8BIT_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
+    "UNet2DModel": ("conv_in", "conv_out", "time_embedding.*", "class_embedding"),
+    "UNet2DConditionModel": ("conv_in", "conv_out", "time_embedding.*", "class_embedding", "add_embedding.*"),
+    "DiTTransformer2DModel": ("pos_embed.proj", "proj_out*", "*.norm1.emb.*", "transformer_blocks.*.norm1.linear"),
+    "PixArtTransformer2DModel": ("pos_embed.proj", "proj_out*", "adaln_single.*", "caption_projection.*"),
+    "SD3Transformer2DModel": (
+        "pos_embed.proj", "proj_out*", "time_text_embed.*", "context_embedder", "transformer_blocks.*.norm1.linear",
+        "transformer_blocks.*.norm1_context.linear", "norm_out.linear",
+    ),
+    "FluxTransformer2DModel": (
+        "x_embedder", "proj_out*", "time_text_embed.*", "context_embedder", "transformer_blocks.*.norm1.linear",
+        "transformer_blocks.*.norm1_context.linear", "single_transformer_blocks.*.norm.linear", "norm_out.linear",
+    ),
+}
+"""Per denoiser, the layers Q-Diffusion and PTQD keep at 8 bits: first and last layers, the time/class/text
+embedding path (SDXL's added text-time embedding, PixArt's caption projection, SD3/FLUX's context embedder and
+pooled-text embedding) and every adaLN modulation (DiT, PixArt's single shared one, SD3/FLUX per block and at the
+output), whose errors shift every later feature."""
+
+DEFAULT_KEEP_8BIT = tuple(dict.fromkeys(p for patterns in KEEP_8BIT_BY_ARCHITECTURE.values() for p in patterns))
+"""The union of :data:`KEEP_8BIT_BY_ARCHITECTURE` (each pattern matches only its own architecture's names)."""
 
 
-DEFAULT_FP_INPUT = ("conv_in", "pos_embed.proj")
+DEFAULT_FP_INPUT = ("conv_in", "pos_embed.proj", "x_embedder")
 """Layers that read the noisy sample x_t itself; by default their input stays in floating point (their weights
 follow the scheme). One per-tensor range must cover x_t at every step, about ±5 at the first and ±1 at the last,
 so an 8-bit grid (step 0.04 on ``fmnist-tiny``) drowns the small noise the model has to find at the late steps:
@@ -482,5 +491,6 @@ __all__ = [
     "QuantConfig",
     "LayerRule",
     "DEFAULT_KEEP_8BIT",
+    "KEEP_8BIT_BY_ARCHITECTURE",
     "DEFAULT_FP_INPUT",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qdiffuse.calibration.call_inputs import CallInputs
 from qdiffuse.errors import DataError
 from qdiffuse.formats import check_finite
 from qdiffuse.models.denoiser import Denoiser
@@ -23,18 +24,28 @@ from qdiffuse.sampling.loop import SampleRequest, sample
 
 @dataclass
 class CalibrationSet:
-    """Recorded network inputs; row i of every tensor belongs to the same call."""
+    """Recorded network inputs; row i of every tensor belongs to the same call.
+
+    ``cond`` is a text condition tensor, or for a pipeline's denoiser every keyword input of its calls
+    (:class:`~qdiffuse.calibration.call_inputs.CallInputs`).
+    """
 
     x: Tensor
     t: Tensor
     labels: Tensor | None = None
-    cond: Tensor | None = None
+    cond: Tensor | CallInputs | None = None
 
     def __post_init__(self) -> None:
         if self.x.shape[0] == 0:
             raise DataError("the calibration set is empty; raise --calib-steps/--calib-per-step")
         check_finite(self.x, "calibration data")
-        if self.cond is not None:
+        if isinstance(self.cond, CallInputs):
+            if len(self.cond) not in (0, len(self)):
+                raise DataError(f"the calibration set has {len(self)} inputs but {len(self.cond)} recorded calls")
+            for value in self.cond.rows.values():
+                if value.is_floating_point():
+                    check_finite(value, "calibration condition")
+        elif self.cond is not None:
             check_finite(self.cond, "calibration condition")
 
     def __len__(self) -> int:
@@ -47,7 +58,7 @@ class CalibrationSet:
                 self.x[lo:hi].to(device),
                 self.t[lo:hi].to(device),
                 None if self.labels is None else self.labels[lo:hi].to(device),
-                None if self.cond is None else self.cond[lo:hi].to(device),
+                None if self.cond is None else _select(self.cond, slice(lo, hi)).to(device),
             )
 
     def subset(self, rows: Tensor) -> CalibrationSet:
@@ -56,7 +67,7 @@ class CalibrationSet:
             self.x[rows],
             self.t[rows],
             None if self.labels is None else self.labels[rows],
-            None if self.cond is None else self.cond[rows],
+            None if self.cond is None else _select(self.cond, rows),
         )
 
     @torch.no_grad()
@@ -73,24 +84,53 @@ class CalibrationSet:
         from safetensors.torch import save_file
 
         tensors = {"x": self.x.contiguous(), "t": self.t.contiguous()}
+        metadata: dict[str, str] = {}
         if self.labels is not None:
             tensors["labels"] = self.labels.contiguous()
-        if self.cond is not None:
+        if isinstance(self.cond, CallInputs):
+            more, metadata = self.cond.to_safetensors(CALL_PREFIX)
+            tensors |= more
+        elif self.cond is not None:
             tensors["cond"] = self.cond.contiguous()
-        save_file(tensors, str(path))
+        save_file(tensors, str(path), metadata=metadata or None)
 
     @classmethod
     def load(cls, path: Path) -> CalibrationSet:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
         except (SafetensorError, OSError) as exc:
             raise DataError(f"calibration file {path} is not readable safetensors ({exc})") from None
         if "x" not in tensors or "t" not in tensors:
             raise DataError(f"calibration file {path} needs tensors 'x' and 't'")
-        return cls(tensors["x"], tensors["t"], tensors.get("labels"), tensors.get("cond"))
+        cond: Tensor | CallInputs | None = tensors.get("cond")
+        if any(k.startswith(CALL_PREFIX) for k in tensors) or f"{CALL_PREFIX}constants" in metadata:
+            cond = CallInputs.from_safetensors(tensors, metadata, CALL_PREFIX)
+        return cls(tensors["x"], tensors["t"], tensors.get("labels"), cond)
+
+    def digest(self, rows: Tensor) -> str:
+        """A content hash of the calls at ``rows`` (reconstruction checkpoints are bound to it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.x, self.t, self.labels, self.cond):
+            if isinstance(t, CallInputs):
+                h.update(t.digest(rows).encode())
+            elif t is not None:
+                h.update(t[rows].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+CALL_PREFIX = "call."
+"""Key prefix of recorded pipeline call inputs in a calibration file."""
+
+
+def _select(cond: Tensor | CallInputs, index: slice | Tensor) -> Tensor | CallInputs:
+    return cond.select(index) if isinstance(cond, CallInputs) else cond[index]
 
 
 def calibration_step_indices(num_inference_steps: int, n_steps: int) -> list[int]:

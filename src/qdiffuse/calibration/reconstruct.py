@@ -25,7 +25,6 @@ seeded per unit).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -48,7 +47,14 @@ from qdiffuse.nn.layers import QuantLayer
 from qdiffuse.nn.quantizer import ActivationQuantizer, SwitchableActivationQuantizer, WeightQuantizer
 from qdiffuse.progress import progress_bar
 
-BLOCK_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "Transformer2DModel")
+BLOCK_CLASSES = (
+    "ResnetBlock2D",
+    "BasicTransformerBlock",
+    "Transformer2DModel",
+    "JointTransformerBlock",
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+)
 """diffusers classes reconstructed as one block (besides ``Attention`` modules outside them)."""
 
 MANIFEST = "reconstruction.json"
@@ -505,11 +511,7 @@ def _load_unit_state(q_model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def _calib_digest(calib: CalibrationSet, rows: Tensor) -> str:
-    digest = hashlib.sha256()
-    for t in (calib.x, calib.t, calib.labels, calib.cond):
-        if t is not None:
-            digest.update(t[rows].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return calib.digest(rows)
 
 
 def _open_checkpoint(directory: Path, manifest: dict[str, Any]) -> int:
@@ -576,12 +578,7 @@ def reconstruct(
         idx = rows[lo : lo + s.batch_size]
         for source, out in ((calib, batches), (aligned, aligned_batches)):
             if source is not None:
-                out.append(
-                    tuple(
-                        None if t is None else t[idx].to(device)
-                        for t in (source.x, source.t, source.labels, source.cond)
-                    )
-                )
+                out.append(next(source.subset(idx).batches(len(idx), device)))
     uses_aligned = aligned is not None and (s.align_weight > 0 or s.cos_weight > 0)
     # eval mode throughout: training-mode randomness (DiT's label dropout) would make inputs and targets noise
     modes = [(m, m.training) for model in (q_model, fp_model) for m in model.modules()]

@@ -32,8 +32,9 @@ def _act_bits(quantizer: nn.Module | None) -> int:
 
 
 @torch.no_grad()
-def count_macs(denoiser: Denoiser) -> dict[str, dict[str, Any]]:
-    """MACs of every Linear/Conv2d and attention matmul pair for one call on a single sample."""
+def count_macs(denoiser: Denoiser, probe: tuple[Any, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """MACs of every Linear/Conv2d and attention matmul pair for one call on a single sample (``probe``: the
+    ``forward_raw`` arguments of that call, needed for denoisers only their pipeline knows how to call)."""
     model = denoiser.model
     records: dict[str, dict[str, Any]] = {}
     handles = []
@@ -72,10 +73,13 @@ def count_macs(denoiser: Denoiser) -> dict[str, dict[str, Any]]:
         elif is_diffusers_attention(module):
             handles.append(module.register_forward_hook(attn_hook(name), with_kwargs=True))
     try:
-        x = torch.zeros(1, *denoiser.sample_shape, device=denoiser.device)
-        t = torch.full((1,), 500, device=denoiser.device, dtype=torch.long)
-        labels = None if denoiser.num_classes is None else torch.zeros(1, dtype=torch.long, device=denoiser.device)
-        denoiser.forward_raw(x, t, labels, None)
+        if probe is None:
+            x = torch.zeros(1, *denoiser.sample_shape, device=denoiser.device)
+            t = torch.full((1,), 500, device=denoiser.device, dtype=torch.long)
+            labels = None if denoiser.num_classes is None else torch.zeros(1, dtype=torch.long, device=denoiser.device)
+            probe = (x, t, labels, None)
+        with torch.no_grad():
+            denoiser.forward_raw(*probe)
     finally:
         for h in handles:
             h.remove()
@@ -113,9 +117,9 @@ def _bops_now(records: dict[str, dict[str, Any]]) -> int:
     return total
 
 
-def cost_summary(denoiser: Denoiser, plan: Any = None) -> dict[str, Any]:
+def cost_summary(denoiser: Denoiser, plan: Any = None, probe: tuple[Any, ...] | None = None) -> dict[str, Any]:
     """MACs and BOPs per call, and the ratio to full precision; averaged over a mixed plan's steps."""
-    records = count_macs(denoiser)
+    records = count_macs(denoiser, probe)
     macs = sum(r["macs"] * (2 if r["kind"] == "attention" else 1) for r in records.values())
     fp_bops = macs * FP_BITS * FP_BITS
     variants = activation_variants(denoiser.model)

@@ -3,6 +3,10 @@
 diffusers models differ in argument names (``sample``/``hidden_states``, ``class_labels``,
 ``encoder_hidden_states``) and outputs (DiT may predict a learned variance in extra channels). Samplers,
 calibration and the noise analysis talk to this wrapper only, so each works for all model types.
+
+The transformers of text-to-image pipelines (PixArt, SD3, FLUX) are only ever called by their pipeline, with
+the keyword inputs the pipeline builds; for them (and for a ``UNet2DConditionModel`` called by a pipeline, e.g.
+SDXL's) ``cond`` is the recorded :class:`~qdiffuse.calibration.call_inputs.CallInputs` of the calls.
 """
 
 from __future__ import annotations
@@ -12,13 +16,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from qdiffuse.calibration.call_inputs import CallInputs
 from qdiffuse.errors import ConfigError
 
 MODEL_KINDS = {
     "UNet2DModel": "unet",
     "UNet2DConditionModel": "unet_cond",
     "DiTTransformer2DModel": "dit",
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
 }
+
+PIPELINE_KINDS = frozenset({"pixart", "sd3", "flux"})
+"""Denoisers quantized through their diffusers pipeline only (qdiffuse's own sampler does not drive them)."""
+
+SAMPLE_ARGUMENT = {"unet": "sample", "unet_cond": "sample"}
+"""The name of the noisy-sample argument where it is not ``hidden_states``."""
 
 
 @dataclass
@@ -48,10 +62,12 @@ class Denoiser:
             raise ConfigError(f"unsupported model class {name}; use one of {', '.join(MODEL_KINDS)}")
         kind = MODEL_KINDS[name]
         config = model.config
-        sample_size = config.sample_size
+        sample_size = getattr(config, "sample_size", None)
         if isinstance(sample_size, (list, tuple)) and sample_size:
             sample_size = sample_size[0]
-        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        if kind in PIPELINE_KINDS and not isinstance(sample_size, int):
+            sample_size = 0  # FLUX has none: its pipeline chooses the token grid per call
+        elif isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
             raise ConfigError(f"the model config's sample_size {sample_size!r} must be a positive integer (e.g. 32)")
         num_classes = null_class = None
         if kind == "dit":
@@ -95,12 +111,24 @@ class Denoiser:
             return None
         return torch.zeros(batch, self.cond_length, self.cross_attention_dim, device=self.device)
 
+    @property
+    def pipeline_only(self) -> bool:
+        return self.kind in PIPELINE_KINDS
+
     def forward_raw(
-        self, x: Tensor, t: Tensor, labels: Tensor | None = None, cond: Tensor | None = None
+        self, x: Tensor, t: Tensor, labels: Tensor | None = None, cond: Tensor | CallInputs | None = None
     ) -> Tensor:
         """One network call on exactly these inputs (what calibration records and replays)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if isinstance(cond, CallInputs):
+            argument = SAMPLE_ARGUMENT.get(self.kind, "hidden_states")
+            return self.model(**{argument: x, "timestep": t}, **cond.kwargs(), return_dict=False)[0]
+        if self.pipeline_only:
+            raise ConfigError(
+                f"a {type(self.model).__name__} is driven by its diffusers pipeline; quantize the pipeline folder "
+                "(qdiffuse quantize FOLDER --prompts FILE, or qdiffuse.quantize(pipe, config, prompts=...))"
+            )
         if self.kind == "unet":
             return self.model(x, t, class_labels=labels).sample
         if self.kind == "unet_cond":

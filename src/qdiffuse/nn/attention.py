@@ -132,4 +132,18 @@ def is_diffusers_attention(module: nn.Module) -> bool:
     return cls.__name__ == "Attention" and hasattr(module, "set_processor") and hasattr(module, "to_q")
 
 
-__all__ = ["QuantAttnProcessor", "is_diffusers_attention"]
+PLAIN_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor"})
+"""Processors that compute softmax(QKᵀ/√d)V of one token stream, the computation :class:`QuantAttnProcessor`
+replaces. SD3's joint attention (image and text streams, ``add_q_proj``) keeps its own processor: its
+projections are quantized as layers, its matmuls stay in floating point."""
+
+
+def is_plain_attention(module: nn.Module) -> bool:
+    """A diffusers ``Attention`` whose matmuls :class:`QuantAttnProcessor` can take over."""
+    if not is_diffusers_attention(module) or getattr(module, "add_q_proj", None) is not None:
+        return False
+    processor = getattr(module, "processor", None)
+    return type(processor).__name__ in PLAIN_PROCESSORS
+
+
+__all__ = ["QuantAttnProcessor", "is_diffusers_attention", "is_plain_attention"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qdiffuse.config import QuantConfig
-from qdiffuse.nn.attention import QuantAttnProcessor, is_diffusers_attention
+from qdiffuse.nn.attention import QuantAttnProcessor, is_plain_attention
 from qdiffuse.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from qdiffuse.nn.quantizer import ActivationQuantizer
 
@@ -90,7 +90,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, observer: str | None =
             )
             set_submodule(model, name, new)
             plan.append(LayerPlan(name, cls.__name__, new.bits_label()))
-        elif config.quantize_attention and is_diffusers_attention(module):
+        elif config.quantize_attention and is_plain_attention(module):
             formats = config.formats_for(name)
             if formats is None or formats[1] is None:
                 continue

@@ -67,7 +67,7 @@ def _step(scheduler: Any, eps: Tensor, t: Tensor, x: Tensor, kwargs: dict[str, A
 
 def probe_step(scheduler: Any, t: Tensor, x: Tensor, eps: Tensor, kwargs: dict[str, Any]) -> StepCoefficients:
     """c_t and σ_t of the scheduler's next step at state (t, x, eps); the scheduler itself is not advanced."""
-    kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("generator", "return_dict")}
     base = _step(scheduler, eps, t, x, kwargs, noise=0.0)
     shifted = _step(scheduler, eps + 1.0, t, x, kwargs, noise=0.0)
     noisy = _step(scheduler, eps, t, x, kwargs, noise=1.0)

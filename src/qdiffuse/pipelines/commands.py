@@ -49,7 +49,7 @@ def load_fp_pipeline(folder: str | Path, device: str) -> Any:
     import diffusers
 
     from qdiffuse.models.loading import read_json
-    from qdiffuse.pipelines.stable_diffusion import SUPPORTED
+    from qdiffuse.pipelines.support import SUPPORTED, unsupported_message
 
     folder = Path(folder)
     index = read_json(folder / "model_index.json", "model_index.json")
@@ -58,10 +58,7 @@ def load_fp_pipeline(folder: str | Path, device: str) -> Any:
     if cls is None:
         raise ModelLoadError(f"{folder / 'model_index.json'} names {name!r}, which this diffusers does not have")
     if name not in SUPPORTED:
-        raise ConfigError(
-            f"{name} is not supported yet; qdiffuse quantizes {', '.join(SUPPORTED)} pipelines (and bare "
-            "UNet2DModel, UNet2DConditionModel and DiT denoisers)"
-        )
+        raise ConfigError(unsupported_message(name))
     missing = [c for c, spec in index.items() if not c.startswith("_") and isinstance(spec, list)
                and spec[0] is not None and not (folder / c).is_dir()]
     if missing:
@@ -138,7 +135,9 @@ def quantize_pipeline_folder(
     """``qdiffuse quantize PIPELINE_FOLDER``: calibrate by running the pipeline, save the pipeline folder."""
     import typer
 
-    from qdiffuse.pipelines.stable_diffusion import quantize_pipeline, save_pipeline
+    from qdiffuse.pipelines.ptqd import PTQDScheduler
+    from qdiffuse.pipelines.quantize import quantize_pipeline
+    from qdiffuse.pipelines.store import save_pipeline
 
     prompts = read_prompts(prompts_file)
     pipe = load_fp_pipeline(folder, device)
@@ -146,8 +145,10 @@ def quantize_pipeline_folder(
     original = pipe.scheduler
     _use_sampler(pipe, sampler)
     quantize_pipeline(pipe, config, prompts, num_inference_steps=steps, guidance_scale=guidance)
+    if isinstance(pipe.scheduler, PTQDScheduler):  # statistics measured with the calibration sampler
+        original = PTQDScheduler(original, pipe.scheduler.stats)
     pipe.scheduler = original
-    save_pipeline(pipe, out, overwrite)
+    save_pipeline(pipe, out, overwrite, source=str(Path(folder).resolve()))
     typer.echo(f"wrote {out} ({type(pipe).__name__}, unet {config.scheme} {config.method}; other components FP)")
 
 
@@ -177,7 +178,7 @@ def sample_pipeline_folder(
 
     from qdiffuse.fsutil import PNG, SAMPLES, check_output_path
     from qdiffuse.imageio import save_grid, save_samples
-    from qdiffuse.pipelines.stable_diffusion import is_quantized_pipeline, load_pipeline
+    from qdiffuse.pipelines.store import is_quantized_pipeline, load_pipeline
     from qdiffuse.sampling.loop import SampleRequest
 
     texts = read_prompts(prompts, prompt)
@@ -202,7 +203,76 @@ def sample_pipeline_folder(
     typer.echo(f"wrote {out} ({images.shape[0]} images from {len(texts)} prompt(s))")
 
 
+def analyze_pipeline_folder(
+    folder: Path,
+    out: Path,
+    *,
+    prompts_file: Path | None,
+    num: int,
+    steps: int,
+    sampler: str | None,
+    guidance: float,
+    seed: int,
+    fp: str | None,
+    batch_size: int,
+    overwrite: bool,
+    device: str,
+    verify: bool,
+) -> None:
+    """``qdiffuse analyze QUANTIZED_PIPELINE``: PTQD statistics measured by running the pipeline (FP trajectories
+    on ``num`` prompts cycled from the file, quantized outputs on the same inputs), a report, and the statistics
+    stored in the folder, where ``load_pipeline`` installs them."""
+    import json
+
+    import torch
+    import typer
+
+    from qdiffuse.fsutil import REPORT_FOLDER, atomic_dir, check_output_path
+    from qdiffuse.noise.report import write_report
+    from qdiffuse.noise.store import save_stats, stats_relpath
+    from qdiffuse.pipelines.calibrate import DEFAULT_PROMPTS, pipeline_call
+    from qdiffuse.pipelines.ptqd import PTQDScheduler, measure_pipeline_noise
+    from qdiffuse.pipelines.store import load_pipeline, read_marker, record_ptqd
+    from qdiffuse.sampling.loop import SampleRequest
+
+    marker = read_marker(folder)
+    component = marker["denoiser"]
+    texts = read_prompts(prompts_file) or list(DEFAULT_PROMPTS)
+    SampleRequest(num=num, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)  # the number checks
+    source = fp or marker.get("source")
+    if not source:
+        raise ModelLoadError(f"{folder} does not record its FP pipeline; pass --fp PIPELINE_FOLDER")
+    inputs = [Path(folder), Path(source), *([prompts_file] if prompts_file is not None else [])]
+    check_output_path(out, overwrite, REPORT_FOLDER, inputs)
+    pipe = load_pipeline(folder, device, verify=verify, ptqd=False)
+    try:
+        fp_pipe = load_fp_pipeline(source, device)
+    except (ModelLoadError, ConfigError) as exc:
+        raise ModelLoadError(f"cannot load the FP pipeline for the analysis ({exc}); pass --fp FOLDER") from None
+    _use_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    cycled = [texts[i % len(texts)] for i in range(num)]
+    stats = measure_pipeline_noise(
+        pipe, getattr(fp_pipe, component), cycled, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+        batch_size=batch_size,
+    )
+    del fp_pipe
+    pipe.scheduler = PTQDScheduler(pipe.scheduler, stats)
+    with torch.no_grad():  # one corrected generation fills in what variance calibration can absorb per step
+        pipeline_call(pipe, cycled[:1], num_inference_steps=steps, guidance_scale=guidance, height=None, width=None,
+                      seed=seed)
+    summary = pipe.scheduler.report()
+    with atomic_dir(out, overwrite, REPORT_FOLDER, inputs) as tmp:
+        (tmp / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+        (tmp / "variance_calibration.json").write_text(json.dumps(summary, indent=2))
+        report = write_report(stats, tmp, summary)
+    save_stats(Path(folder) / component, stats)
+    record_ptqd(folder, stats_relpath(stats))
+    typer.echo(f"wrote {out / report.name}; statistics stored in {folder} (load_pipeline applies PTQD with them)")
+
+
 __all__ = [
+    "analyze_pipeline_folder",
     "is_pipeline_folder",
     "read_prompts",
     "load_fp_pipeline",

@@ -12,6 +12,26 @@ from qdiffuse.errors import ConfigError, DataError, ModelLoadError
 MAX_PROMPT_FILE = 16 * 2**20
 
 
+def quiet_libraries() -> None:
+    """The command line speaks in its own lines: diffusers' and transformers' notices and progress bars (loading
+    components, missing optional packages) are turned down to errors for the commands on pipelines."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
 def is_pipeline_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
@@ -133,6 +153,7 @@ def quantize_pipeline_folder(
     device: str,
 ) -> None:
     """``qdiffuse quantize PIPELINE_FOLDER``: calibrate by running the pipeline, save the pipeline folder."""
+    quiet_libraries()
     import typer
 
     from qdiffuse.pipelines.ptqd import PTQDScheduler
@@ -174,6 +195,7 @@ def sample_pipeline_folder(
 ) -> None:
     """``qdiffuse sample PIPELINE_FOLDER --prompts FILE``: the real pipeline (text encoding, guidance, VAE
     decoding), written as the ADM-style npz (``labels`` holds each image's prompt index)."""
+    quiet_libraries()
     import typer
 
     from qdiffuse.fsutil import PNG, SAMPLES, check_output_path
@@ -222,6 +244,7 @@ def analyze_pipeline_folder(
     """``qdiffuse analyze QUANTIZED_PIPELINE``: PTQD statistics measured by running the pipeline (FP trajectories
     on ``num`` prompts cycled from the file, quantized outputs on the same inputs), a report, and the statistics
     stored in the folder, where ``load_pipeline`` installs them."""
+    quiet_libraries()
     import json
 
     import torch
@@ -242,6 +265,11 @@ def analyze_pipeline_folder(
     source = fp or marker.get("source")
     if not source:
         raise ModelLoadError(f"{folder} does not record its FP pipeline; pass --fp PIPELINE_FOLDER")
+    if not is_pipeline_folder(source):
+        raise ModelLoadError(
+            f"the FP pipeline {source} this folder was made from is not a pipeline folder (any more); pass --fp "
+            "PIPELINE_FOLDER"
+        )
     inputs = [Path(folder), Path(source), *([prompts_file] if prompts_file is not None else [])]
     check_output_path(out, overwrite, REPORT_FOLDER, inputs)
     pipe = load_pipeline(folder, device, verify=verify, ptqd=False)

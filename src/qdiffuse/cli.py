@@ -652,9 +652,11 @@ def demo(
         "qdiffuse-demo"
     ),
     model: Annotated[str, typer.Option(help="Built-in model (or diffusers folder) to run on.")] = "fmnist-tiny",
-    num: Annotated[int, typer.Option("--num", "-n", help="Images per model.")] = 50,
+    num: Annotated[
+        int | None, typer.Option("--num", "-n", help="Images per model. Default 50; 120 for pipelines.")
+    ] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps (eta 0).")] = 20,
-    guidance: float = 2.0,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale. Default 2; 4 for pipelines.")] = None,
     runtime: Runtime = "real",
     device: Device = "auto",
     overwrite: Overwrite = False,
@@ -662,10 +664,20 @@ def demo(
 ) -> None:
     """The main job on a built-in model: quantize, sample FP and quantized, write grids and a report."""
     _setup(quiet)
-    from qdiffuse.demo import run_demo
+    from qdiffuse.demo import run_demo, run_pipeline_demo
+    from qdiffuse.pipelines.commands import is_pipeline_folder
 
+    if is_pipeline_folder(model):
+        report = run_pipeline_demo(
+            out, model=model, num=num or 120, steps=steps, guidance=4.0 if guidance is None else guidance,
+            overwrite=overwrite, device=resolve_device(device),
+        )
+        typer.echo(report.read_text())
+        typer.echo(f"wrote {report}")
+        return
     report = run_demo(
-        out, model=model, num=num, steps=steps, guidance=guidance, overwrite=overwrite, device=resolve_device(device),
+        out, model=model, num=num or 50, steps=steps, guidance=2.0 if guidance is None else guidance,
+        overwrite=overwrite, device=resolve_device(device),
         runtime=runtime,
     )
     typer.echo(report.read_text())
@@ -674,7 +686,7 @@ def demo(
 
 @app.command()
 def train(
-    name: Annotated[str, typer.Argument(help="fmnist-tiny, fmnist-ddpm, fmnist-dit or classifier.")],
+    name: Annotated[str, typer.Argument(help="fmnist-tiny, fmnist-ddpm, fmnist-dit, fmnist-t2i or classifier.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     data: Annotated[Path | None, typer.Option(help="Folder with the four Fashion-MNIST IDX .gz files.")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the recipe's).")] = None,
@@ -691,6 +703,17 @@ def train(
     """Train a built-in diffusion model (or the evaluation classifier) on Fashion-MNIST."""
     _setup(quiet)
     device = resolve_device(device)
+    if name == "fmnist-t2i":
+        from qdiffuse.models.train_t2i import T2IRecipe, train_fmnist_t2i
+
+        base = T2IRecipe()
+        recipe = T2IRecipe(
+            unet_steps=steps or base.unet_steps, unet_batch=batch_size or base.unet_batch,
+            unet_lr=lr or base.unet_lr, ema_decay=ema_decay or base.ema_decay,
+        )
+        path = train_fmnist_t2i(out, data, recipe, seed=seed, overwrite=overwrite, log=None if quiet else typer.echo)
+        typer.echo(f"wrote {path}")
+        return
     if name == "classifier":
         from qdiffuse.eval.classifier import train_classifier
 
@@ -727,10 +750,15 @@ def evaluate(
     fp: Annotated[Path | None, typer.Option(help="FP samples from the same seeds, for fidelity.")] = None,
     inception: Annotated[Path | None, typer.Option(help="Inception-v3 FID weights file on disk.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="The prompt file the samples were drawn from: adds text alignment."),
+    ] = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
 ) -> None:
-    """FID, sFID, IS, precision/recall, KID (and fidelity to FP samples) of a samples file."""
+    """FID, sFID, IS, precision/recall, KID (and fidelity to FP samples) of a samples file; with --prompts, text
+    alignment (the classifier's accuracy at the Fashion-MNIST class each image's prompt names)."""
     import json
     from contextlib import nullcontext
 
@@ -748,8 +776,9 @@ def evaluate(
         on_every_rank(world, lambda: check_output_path(json_out, overwrite, JSON, inputs=[samples]), main_only=True)
     if world.launched:  # a file one rank cannot read fails every rank before the first collective
         on_every_rank(world, lambda: _check_eval_inputs(samples, fp, inception))
+    classes = _prompt_classes(prompts) if prompts is not None else None
     with shared_extraction(world) if world.launched else nullcontext():
-        results = _evaluate(samples, ref, fp, inception, device)
+        results = _evaluate(samples, ref, fp, inception, device, classes)
     leave(world)
     if not world.is_main:
         return
@@ -769,11 +798,33 @@ def _check_eval_inputs(samples: Path, fp: Path | None, inception: Path | None) -
         raise ConfigError(f"--inception {inception} is not a file on this machine; copy the weights to every node")
 
 
-def _evaluate(samples: Path, ref: str, fp: Path | None, inception: Path | None, device: str) -> dict:
+def _prompt_classes(prompts: Path) -> list[int]:
+    """The class each prompt of the file names (one-line error for a prompt that names none)."""
+    from qdiffuse.models.captions import class_named
+    from qdiffuse.pipelines.commands import read_prompts
+
+    texts = read_prompts(prompts) or []
+    classes = [class_named(t) for t in texts]
+    for text, cls in zip(texts, classes, strict=True):
+        if cls is None:
+            raise ConfigError(f"--prompts: {text!r} names no Fashion-MNIST class; text alignment needs one per prompt")
+    return [int(c) for c in classes if c is not None]
+
+
+def _evaluate(
+    samples: Path, ref: str, fp: Path | None, inception: Path | None, device: str, classes: list[int] | None = None
+) -> dict:
     """``eval``'s metrics (feature extraction shared over the ranks when launched by torchrun)."""
     from qdiffuse.eval.evaluate import compare_to_fp, evaluate_samples, load_samples
 
     images, labels = load_samples(samples)
+    if classes is not None:
+        import numpy as np
+
+        if labels is None or int(labels.max()) >= len(classes) or int(labels.min()) < 0:
+            raise ConfigError(f"{samples} has no prompt index per image for these {len(classes)} prompts; sample "
+                              "them with qdiffuse sample --prompts FILE")
+        labels = np.asarray(classes)[labels]
     extractor = "inception" if inception is not None else "classifier"
     results = evaluate_samples(
         images, ref, extractor=extractor, inception_weights=inception, device=device, labels=labels
@@ -783,6 +834,8 @@ def _evaluate(samples: Path, ref: str, fp: Path | None, inception: Path | None, 
         if fp_images.shape != images.shape:
             raise ConfigError(f"--fp samples have shape {fp_images.shape}, expected {images.shape}; same request")
         results["fidelity"] = compare_to_fp(fp_images, images, inception_weights=inception, device=device)
+    if classes is not None and "label_accuracy" in results:
+        results["text_alignment"] = results["label_accuracy"]
     return results
 
 
@@ -810,6 +863,15 @@ def bench(
     _setup(quiet or not world.is_main)
     from qdiffuse.bench import Bench, BenchConfig
 
+    if _is_pipeline_bench(config):
+        from qdiffuse.pipelines.bench import PipelineBenchConfig, run_pipeline_bench
+
+        if world.launched:
+            raise ConfigError("pipeline grids run in one process; start them without torchrun")
+        run_pipeline_bench(PipelineBenchConfig.from_json(config), out, resolve_device(device),
+                           log=(lambda _line: None) if quiet else typer.echo)
+        typer.echo((out / "report.md").read_text())
+        return
     cfg = BenchConfig.load(config)
     if runtime is not None:
         from dataclasses import replace
@@ -824,6 +886,21 @@ def bench(
     Bench(cfg, out, device).run(write=world.is_main)
     if world.is_main:
         typer.echo((out / "results.md").read_text())
+
+
+def _is_pipeline_bench(config: Path) -> bool:
+    """A grid over one pipeline (``"model"``, a pipeline folder or built-in) rather than bare denoisers."""
+    import json
+
+    try:
+        data = json.loads(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # BenchConfig.load says what is wrong with it
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+        return False
+    from qdiffuse.pipelines.commands import is_pipeline_folder
+
+    return is_pipeline_folder(data["model"])
 
 
 @app.command()

@@ -322,6 +322,7 @@ _LABELS = {
     "kid_std": "KID std",
     "label_accuracy": "label accuracy",
     "label_accuracy_by_class": "label accuracy of class",
+    "text_alignment": "text alignment (class the prompt names)",
     "mse": "MSE (0-255)",
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",

@@ -25,6 +25,8 @@ class BuiltinModel:
     folder: str
     description: str
     subfolder: str
+    pipeline: bool = False
+    """A whole diffusers pipeline (text encoder, VAE): the commands treat it as a pipeline folder."""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -47,6 +49,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "fmnist-dit",
             "class-conditional DiTTransformer2DModel, patch 2, ~1.4M parameters, Fashion-MNIST 32×32 (CPU recipe)",
             "transformer",
+        ),
+        BuiltinModel(
+            "fmnist-t2i",
+            "fmnist-t2i",
+            "latent text-to-image StableDiffusionPipeline: VAE 1x32x32 -> 4x8x8, UNet2DConditionModel with "
+            "cross-attention on all-MiniLM-L6-v2 (CPU recipe)",
+            "unet",
+            pipeline=True,
         ),
     )
 }

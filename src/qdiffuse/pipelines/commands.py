@@ -32,7 +32,22 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def resolve_pipeline(path: str | Path) -> Path:
+    """A built-in pipeline's name (``fmnist-t2i``) -> its shipped folder; anything else is a path."""
+    from qdiffuse.models.builtin import BUILTIN_MODELS, builtin_path
+
+    model = BUILTIN_MODELS.get(str(path))
+    if model is not None and model.pipeline:
+        return builtin_path(str(path))
+    return Path(path)
+
+
 def is_pipeline_folder(path: str | Path) -> bool:
+    from qdiffuse.models.builtin import BUILTIN_MODELS
+
+    model = BUILTIN_MODELS.get(str(path))
+    if model is not None:
+        return model.pipeline
     return (Path(path) / "model_index.json").is_file()
 
 
@@ -65,29 +80,22 @@ def read_prompts(path: Path | None, prompt: str | None = None) -> list[str] | No
 
 
 def load_fp_pipeline(folder: str | Path, device: str) -> Any:
-    """diffusers' own ``from_pretrained`` on a pipeline folder, with one-line errors for what users get wrong."""
+    """diffusers' own ``from_pretrained`` on a pipeline folder (a built-in name too), with one-line errors for
+    what users get wrong; components the folder takes from packages are built from them."""
     import diffusers
 
     from qdiffuse.models.loading import read_json
+    from qdiffuse.pipelines.external import load_pipeline_folder
     from qdiffuse.pipelines.support import SUPPORTED, unsupported_message
 
-    folder = Path(folder)
+    folder = resolve_pipeline(folder)
     index = read_json(folder / "model_index.json", "model_index.json")
     name = index.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if cls is None:
+    if getattr(diffusers, str(name), None) is None:
         raise ModelLoadError(f"{folder / 'model_index.json'} names {name!r}, which this diffusers does not have")
     if name not in SUPPORTED:
         raise ConfigError(unsupported_message(name))
-    missing = [c for c, spec in index.items() if not c.startswith("_") and isinstance(spec, list)
-               and spec[0] is not None and not (folder / c).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{folder} lacks the component folder(s) {', '.join(missing)} model_index.json names")
-    try:
-        pipe = cls.from_pretrained(folder)
-    except (OSError, ValueError, ImportError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load the pipeline in {folder} ({' '.join(str(exc).split())[:200]})") from None
-    return pipe.to(device)
+    return load_pipeline_folder(folder).to(device)
 
 
 def check_size(pipe: Any, height: int | None, width: int | None) -> None:
@@ -169,7 +177,7 @@ def quantize_pipeline_folder(
     if isinstance(pipe.scheduler, PTQDScheduler):  # statistics measured with the calibration sampler
         original = PTQDScheduler(original, pipe.scheduler.stats)
     pipe.scheduler = original
-    save_pipeline(pipe, out, overwrite, source=str(Path(folder).resolve()))
+    save_pipeline(pipe, out, overwrite, source=str(resolve_pipeline(folder).resolve()))
     typer.echo(f"wrote {out} ({type(pipe).__name__}, unet {config.scheme} {config.method}; other components FP)")
 
 

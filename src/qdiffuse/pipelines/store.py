@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qdiffuse.errors import ModelLoadError
+from qdiffuse.pipelines.external import EXTERNAL_FILE, load_pipeline_folder
 from qdiffuse.pipelines.support import DENOISER_COMPONENTS, denoiser_component
 
 PIPELINE_FILE = "qdiffuse_pipeline.json"
@@ -38,18 +39,24 @@ def save_pipeline(pipe: Any, path: str | Path, overwrite: bool = False, source: 
     scheduler = pipe.scheduler
     stats = scheduler.stats if isinstance(scheduler, PTQDScheduler) else None
     path = Path(path)
+    external = dict(getattr(pipe, "qdiffuse_external", {}))
+    kept = {name: getattr(pipe, name) for name in external}
     with atomic_dir(path, overwrite, QUANTIZED_FOLDER) as tmp:
-        pipe.register_modules(**{component: None})
+        pipe.register_modules(**{component: None}, **{name: None for name in external})
         if stats is not None:
             pipe.register_modules(scheduler=scheduler.scheduler)
         try:
             pipe.save_pretrained(tmp)
         finally:
-            pipe.register_modules(**{component: model})
+            pipe.register_modules(**{component: model}, **kept)
             if stats is not None:
                 pipe.register_modules(scheduler=scheduler)
         index = json.loads((tmp / "model_index.json").read_text())
         index[component] = ["diffusers", type(model).__name__]
+        for name, value in kept.items():  # named in the index, supplied by their package when loading
+            index[name] = [type(value).__module__.split(".")[0], type(value).__name__]
+        if external:
+            (tmp / EXTERNAL_FILE).write_text(json.dumps(external, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         loaded = LoadedModel(Denoiser.from_model(model), dict(scheduler.config), source or "", component, {})
         extra = {}
@@ -145,10 +152,7 @@ def load_pipeline(
 ) -> Any:
     """A quantized pipeline folder back as the diffusers pipeline it was, its denoiser on ``runtime`` and, when
     the folder holds PTQD statistics (and ``ptqd``), its scheduler wrapped in ``PTQDScheduler``."""
-    import diffusers
-
     from qdiffuse.io import load_quantized
-    from qdiffuse.models.loading import read_json
     from qdiffuse.noise.stats import NoiseStats
     from qdiffuse.pipelines.ptqd import PTQDScheduler
 
@@ -156,16 +160,7 @@ def load_pipeline(
     marker = read_marker(path)
     component = marker["denoiser"]
     model = load_quantized(path / component, device, runtime, verify=verify).denoiser.model
-    index = read_json(path / "model_index.json", "model_index.json")
-    cls = getattr(diffusers, str(index.get("_class_name")), None)
-    if cls is None:
-        raise ModelLoadError(
-            f"{path / 'model_index.json'} names {index.get('_class_name')!r}, not a diffusers pipeline"
-        )
-    try:
-        pipe = cls.from_pretrained(path, **{component: model})
-    except (OSError, ValueError, ImportError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load the pipeline in {path} ({' '.join(str(exc).split())[:200]})") from None
+    pipe = load_pipeline_folder(path, **{component: model})
     stats_file = marker.get("ptqd")
     if ptqd and stats_file:
         full = (path / component / stats_file).resolve()

@@ -211,3 +211,27 @@ def test_bare_pipeline_denoisers_are_refused_outside_their_pipeline(tmp_path: Pa
     denoiser = Denoiser.from_model(pipe.transformer)
     with pytest.raises(ConfigError, match="driven by its diffusers pipeline; quantize the pipeline folder"):
         denoiser.forward_raw(torch.zeros(1, 16, 64), torch.zeros(1))
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_text_encoders_quantized_in_memory(name: str, tmp_path: Path) -> None:
+    """Every text encoder (two CLIPs; CLIP + T5) on real kernels, calibrated by the pipeline's own call; saving such
+    a pipeline is refused with one line."""
+    from qdiffuse.kernels import runtime_report
+    from qdiffuse.pipelines.text_encoders import quantize_text_encoders
+
+    pipe = FIXTURES[name](tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    fp_images = _generate(pipe, name)
+    settings = {k: v for k, v in CALLS[name].items() if k != "num_inference_steps"}
+    counts = quantize_text_encoders(pipe, "w8a8", FAMILY_PROMPTS, **settings)
+    assert set(counts) == {"text_encoder", "text_encoder_2"} and min(counts.values()) > 0
+    assert runtime_report(pipe.text_encoder_2).summary().startswith("runtime: real")
+    images = _generate(pipe, name)
+    assert np.isfinite(images).all() and 0 < np.abs(images - fp_images).max() < 0.5
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_text_encoders(pipe, "w8a8", FAMILY_PROMPTS, **settings)
+    qdiffuse.quantize(pipe, QuantConfig.from_scheme("w8a8", calib_steps=2), prompts=FAMILY_PROMPTS, **CALLS[name])
+    with pytest.raises(ModelLoadError, match="saving quantized text encoders is not built yet"):
+        qdiffuse.save(pipe, tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -23,7 +23,9 @@ from qdiffuse.errors import ConfigError
 @dataclass(frozen=True)
 class PipelineBenchConfig:
     model: str
-    quant: tuple[tuple[str, str], ...]
+    quant: tuple[tuple[Any, ...], ...]
+    """(scheme, method) or (scheme, method, {QuantConfig overrides, "label": row suffix, "keep_8bit_extra":
+    patterns kept at 8 bits besides the defaults})."""
     samplers: tuple[tuple[str | None, int], ...] = ((None, 50),)
     num: int = 200
     guidance: float = 4.0
@@ -120,13 +122,19 @@ def run_pipeline_bench(config: PipelineBenchConfig, out: Path, device: str = "cp
         metrics = _metrics(images, which, prompts, None)
         rows.append({"quant": "FP", "sampler": key, "sample_seconds": seconds, **metrics})
         log(_row_line(rows[-1]))
-    for scheme, method in config.quant:
-        name = f"{scheme}-{method}".replace("+", "_")
+    for entry in config.quant:
+        scheme, method, options = entry[0], entry[1], dict(entry[2]) if len(entry) > 2 else {}
+        label = options.pop("label", None)
+        name = f"{scheme}-{method}{'-' + label if label else ''}".replace("+", "_")
         folder = out / "models" / name
         if not folder.is_dir():
             pipe = load_fp_pipeline(config.model, device)
+            if "keep_8bit_extra" in options:
+                from qdiffuse.config import DEFAULT_KEEP_8BIT
+
+                options["keep_8bit"] = DEFAULT_KEEP_8BIT + tuple(options.pop("keep_8bit_extra"))
             quant_config = QuantConfig.from_scheme(
-                scheme, method=method, calib_steps=config.calib_steps, seed=config.seed, **config.extra
+                scheme, method=method, calib_steps=config.calib_steps, seed=config.seed, **{**config.extra, **options}
             )
             start = time.perf_counter()
             quantize_pipeline(
@@ -142,8 +150,9 @@ def run_pipeline_bench(config: PipelineBenchConfig, out: Path, device: str = "cp
         for sampler, steps in config.samplers:
             key = _sampler_key(sampler, steps)
             images, which, seconds = draw(pipe, sampler, steps, out / "samples" / f"{name}__{key}.npz")
+            title = f"{scheme} {method}" + (f" ({label})" if label else "")
             rows.append({
-                "quant": f"{scheme} {method}", "sampler": key, "sample_seconds": seconds,
+                "quant": title, "sampler": key, "sample_seconds": seconds,
                 "calibration_seconds": calib_seconds, "size_bytes": folder_size(folder / component),
                 **_metrics(images, which, prompts, fp_images[key]),
             })

@@ -33,11 +33,13 @@ def quantize_pipeline(
     width: int | None = None,
     runtime: str = "real",
     batch_size: int = 4,
+    text_encoders: str | None = None,
     **call_kwargs: Any,
 ) -> Any:
     """Quantize ``pipe``'s denoiser in place (calibrated by running ``pipe`` on ``prompts`` with this guidance,
     step count and size) and return ``pipe``. ``call_kwargs`` go to every pipeline call (e.g. FLUX's
-    ``max_sequence_length``)."""
+    ``max_sequence_length``). ``text_encoders``: a scheme for the text encoders too, in memory only
+    (:mod:`qdiffuse.pipelines.text_encoders`; the denoiser is calibrated on the FP text path first)."""
     from qdiffuse.api import quantize
     from qdiffuse.models.denoiser import Denoiser
 
@@ -65,6 +67,13 @@ def quantize_pipeline(
         stats = measure_pipeline_noise(pipe, fp_model, prompts, seed=config.seed + 7919, **settings)
         del fp_model
         pipe.scheduler = PTQDScheduler(pipe.scheduler, stats)
+    if text_encoders is not None:
+        from qdiffuse.pipelines.text_encoders import quantize_text_encoders
+
+        quantize_text_encoders(
+            pipe, text_encoders, prompts, runtime=runtime, guidance_scale=guidance_scale, height=height, width=width,
+            **call_kwargs,
+        )
     state = getattr(model, "qdiffuse_state", None)
     if state is not None:
         state.calibration["pipeline"] = {

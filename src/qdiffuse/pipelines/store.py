@@ -31,11 +31,17 @@ def save_pipeline(pipe: Any, path: str | Path, overwrite: bool = False, source: 
     from qdiffuse.models.loading import LoadedModel
     from qdiffuse.noise.store import stats_json, stats_relpath
     from qdiffuse.pipelines.ptqd import PTQDScheduler
+    from qdiffuse.pipelines.text_encoders import quantized_text_encoders
 
     component = denoiser_component(pipe)
     model = getattr(pipe, component)
     if quant_state(model) is None:
         raise ModelLoadError("this pipeline's denoiser is not quantized; run qdiffuse.quantize(pipe, config) first")
+    if quantized_text_encoders(pipe):
+        raise ModelLoadError(
+            "saving quantized text encoders is not built yet; save the pipeline with FP text encoders and quantize "
+            "them after loading (qdiffuse.pipelines.text_encoders.quantize_text_encoders)"
+        )
     scheduler = pipe.scheduler
     stats = scheduler.stats if isinstance(scheduler, PTQDScheduler) else None
     path = Path(path)

@@ -1,0 +1,97 @@
+"""Quantizing a pipeline's text encoders in memory: the text path's share of the quantization error.
+
+MixDQ found the text path the most quantization-sensitive part of SDXL-Turbo, so it must be measurable on its own:
+:func:`quantize_text_encoders` rewrites every ``nn.Linear`` of the pipeline's text encoders (CLIP, T5, BERT) to a
+scheme, calibrates the activation ranges on the encoders' real inputs (the pipeline run once on the prompts), and
+freezes them onto the kernels like a denoiser. Embedding tables and normalisations stay FP.
+
+Saving such a pipeline is not built: :func:`qdiffuse.pipelines.store.save_pipeline` refuses it with one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdiffuse.errors import ConfigError
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+KEEP_FP = ("*.DenseReluDense.wo",)
+"""Layers left FP: T5's feed-forward output projection reads its own ``weight`` dtype inside ``forward``, which a
+layer running on packed codes does not have."""
+
+
+def text_encoders(pipe: Any) -> dict[str, nn.Module]:
+    return {name: getattr(pipe, name) for name in TEXT_COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)}
+
+
+def quantized_text_encoders(pipe: Any) -> list[str]:
+    from qdiffuse.nn.rewrite import quant_layers
+
+    out = []
+    for name, module in text_encoders(pipe).items():
+        if getattr(module, "qdiffuse_text_scheme", None) is not None or any(True for _ in quant_layers(module)):
+            out.append(name)
+    return out
+
+
+@torch.no_grad()
+def quantize_text_encoders(
+    pipe: Any,
+    scheme: str,
+    prompts: Sequence[str],
+    *,
+    method: str = "mse",
+    runtime: str = "real",
+    layers: Sequence[str] | None = None,
+    **call_kwargs: Any,
+) -> dict[str, int]:
+    """Quantize the text encoders of ``pipe`` in place to ``scheme`` (activation ranges from running the pipeline
+    on ``prompts`` for one step); ``layers``: fnmatch patterns of the only Linear layers to quantize (the rest stay
+    FP), for per-layer sensitivity. Returns the number of quantized layers per encoder."""
+    from qdiffuse.calibration.ptq import calibrate_weights
+    from qdiffuse.config import QuantConfig
+    from qdiffuse.kernels import check_runtime, freeze
+    from qdiffuse.nn.rewrite import activation_quantizers, quantize_model
+    from qdiffuse.pipelines.calibrate import check_prompts, pipeline_call
+
+    check_runtime(runtime)
+    encoders = text_encoders(pipe)
+    if not encoders:
+        raise ConfigError(f"{type(pipe).__name__} has no text encoder to quantize")
+    if quantized_text_encoders(pipe):
+        raise ConfigError("this pipeline's text encoders are already quantized; load it again to change them")
+    config = QuantConfig.from_scheme(
+        scheme, method=method, keep_8bit=None, keep_fp=KEEP_FP, fp_inputs=(), outliers="off", guard_db=0
+    )
+    if layers is not None:
+        import fnmatch
+
+        from qdiffuse.config import LayerRule
+
+        keep = [n for enc in encoders.values() for n, m in enc.named_modules() if isinstance(m, nn.Linear)
+                and not any(fnmatch.fnmatchcase(n, p) for p in layers)]
+        config = replace(config, rules=config.rules + tuple(LayerRule(n, "fp") for n in keep))
+    counts = {}
+    for name, encoder in encoders.items():
+        counts[name] = len(quantize_model(encoder, config))
+        calibrate_weights(encoder)
+    quantizers = [q for enc in encoders.values() for _, q in activation_quantizers(enc) if q.needs_calibration]
+    for q in quantizers:
+        q.start_calibration()
+    settings = {"guidance_scale": 7.5, "height": None, "width": None, **call_kwargs, "num_inference_steps": 1}
+    pipeline_call(pipe, list(check_prompts(prompts)), seed=0, **settings)
+    for q in quantizers:
+        q.finish_calibration()
+    for encoder in encoders.values():
+        encoder.qdiffuse_text_scheme = scheme
+        if runtime == "real":
+            freeze(encoder)
+    return counts
+
+
+__all__ = ["quantize_text_encoders", "quantized_text_encoders", "text_encoders", "TEXT_COMPONENTS"]

@@ -152,3 +152,18 @@ def test_analyze_a_quantized_pipeline_folder_and_load_applies_it(tmp_path: Path)
     ok = run("analyze", q, "--out", tmp_path / "report3", "--fp", tmp_path / "moved", "--num", 2, "--steps", 2,
              "--guidance", 4, "-q")
     assert ok.returncode == 0, ok.stderr[-1000:]
+
+
+def test_a_sampler_swap_keeps_ptqd_and_flow_pipelines_refuse_one(tmp_path: Path) -> None:
+    from qdiffuse.pipelines.commands import _use_sampler
+
+    pipe = tiny_sd(tmp_path)
+    stats = NoiseStats(settings={"sampler": "DDIMScheduler"})
+    pipe.scheduler = PTQDScheduler(pipe.scheduler, stats)
+    _use_sampler(pipe, "dpm++2m")
+    assert isinstance(pipe.scheduler, PTQDScheduler) and pipe.scheduler.stats is stats
+    assert type(pipe.scheduler.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    (tmp_path / "flux").mkdir()
+    flux = FIXTURES["flux"](tmp_path / "flux")
+    with pytest.raises(ConfigError, match="samples by flow matching"):
+        _use_sampler(flux, "ddim")

@@ -140,3 +140,18 @@ def test_pipeline_demo_writes_grids_and_report(tiny_t2i: Path, tmp_path: Path) -
     text = report.read_text()
     assert "text alignment" in text and "w8a8 minmax" in text and "| FP |" in text
     assert (tmp_path / "demo" / "fp.png").is_file() and (tmp_path / "demo" / "w8a8-minmax.png").is_file()
+
+
+def test_a_folder_cannot_name_any_package_for_its_components(tiny_t2i: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from qdiffuse.errors import ModelLoadError
+    from qdiffuse.pipelines.external import load_pipeline_folder
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_t2i, copy)
+    specs = json.loads((copy / "qdiffuse_components.json").read_text())
+    specs["text_encoder"]["package"] = "os"
+    (copy / "qdiffuse_components.json").write_text(json.dumps(specs))
+    with pytest.raises(ModelLoadError, match="names package 'os', which qdiffuse does not load components from"):
+        load_pipeline_folder(copy)

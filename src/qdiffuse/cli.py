@@ -150,7 +150,7 @@ def quantize(
     calib_inference_steps: Annotated[int, typer.Option(help="Steps of that sampler.")] = 50,
     guidance: Annotated[
         float | None,
-        typer.Option(help="Guidance you will sample with (calibrates both halves). Default 1; 7.5 for pipelines."),
+        typer.Option(help="Guidance you will sample with (calibrates both halves). Default 1; a pipeline's own."),
     ] = None,
     prompts: Annotated[
         Path | None, typer.Option(help="Pipeline folders: calibration prompts, one per line (default: a built-in set).")
@@ -242,7 +242,9 @@ def quantize(
     if calib_sampler is not None:
         check_sampler(calib_sampler, "--calib-sampler")
     if guidance is None:
-        guidance = 7.5 if pipeline else 1.0
+        from qdiffuse.pipelines.commands import default_guidance
+
+        guidance = default_guidance(model) if pipeline else 1.0
     if prompts is not None and not pipeline:
         raise ConfigError("--prompts calibrates pipeline folders (model_index.json); this model takes --labels")
     config = QuantConfig.from_scheme(
@@ -350,7 +352,7 @@ def sample(
     seed: int = 0,
     labels: Annotated[str | None, typer.Option(help="Classes to cycle through, e.g. 0-9.")] = None,
     guidance: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance scale (1: none). Default 1; 7.5 for pipelines.")
+        float | None, typer.Option(help="Classifier-free guidance scale (1: none). Default 1; a pipeline's own.")
     ] = None,
     prompt: Annotated[str | None, typer.Option(help="Pipelines: the text to generate from.")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Pipelines: prompts to cycle through, one per line.")] = None,
@@ -386,11 +388,12 @@ def sample(
     from qdiffuse.pipelines.commands import is_pipeline_folder
 
     if is_pipeline_folder(model):
-        from qdiffuse.pipelines.commands import sample_pipeline_folder
+        from qdiffuse.pipelines.commands import default_guidance, sample_pipeline_folder
 
         sample_pipeline_folder(
             model, out, prompt=prompt, prompts=prompts, num=num, steps=steps, sampler=sampler,
-            guidance=7.5 if guidance is None else guidance, seed=seed, batch_size=batch_size, grid=grid,
+            guidance=default_guidance(model) if guidance is None else guidance, seed=seed, batch_size=batch_size,
+            grid=grid,
             overwrite=overwrite, device=resolve_device(device), runtime=runtime, verify=not no_verify,
         )
         return
@@ -478,7 +481,7 @@ def analyze(
     ] = None,
     eta: float = 0.0,
     guidance: Annotated[
-        float | None, typer.Option(help="Guidance you will sample with. Default 1; 7.5 for pipelines.")
+        float | None, typer.Option(help="Guidance you will sample with. Default 1; a pipeline's own.")
     ] = None,
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help="Pipelines: prompt file, one per line (cycled to --num).")
@@ -509,11 +512,12 @@ def analyze(
     from qdiffuse.sampling.loop import sample as run_sample
 
     if is_quantized_pipeline(folder):
-        from qdiffuse.pipelines.commands import analyze_pipeline_folder
+        from qdiffuse.pipelines.commands import analyze_pipeline_folder, default_guidance
 
         analyze_pipeline_folder(
             folder, out, prompts_file=prompts, num=num, steps=steps, sampler=sampler,
-            guidance=7.5 if guidance is None else guidance, seed=seed, fp=fp_model, batch_size=batch_size,
+            guidance=default_guidance(folder) if guidance is None else guidance, seed=seed, fp=fp_model,
+            batch_size=batch_size,
             overwrite=overwrite, device=resolve_device(device), verify=not no_verify,
         )
         return
@@ -668,6 +672,13 @@ def demo(
     from qdiffuse.pipelines.commands import is_pipeline_folder
 
     if is_pipeline_folder(model):
+        from qdiffuse.pipelines.commands import resolve_pipeline
+
+        if model != "fmnist-t2i" and not (resolve_pipeline(model) / "training.json").is_file():
+            raise ConfigError(
+                "the pipeline demo scores Fashion-MNIST prompts (FID and text alignment in the shipped classifier's "
+                "space); run it on fmnist-t2i or a folder qdiffuse train fmnist-t2i wrote"
+            )
         report = run_pipeline_demo(
             out, model=model, num=num or 120, steps=steps, guidance=4.0 if guidance is None else guidance,
             overwrite=overwrite, device=resolve_device(device),

@@ -108,11 +108,11 @@ class CallInputs:
         for key in sorted(self.rows):
             value = self.rows[key] if rows is None else self.rows[key][rows]
             h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            h.update(_bytes(value))
         for key in sorted(self.constants):
             value = self.constants[key]
             h.update(key.encode())
-            h.update(value.numpy().tobytes() if isinstance(value, Tensor) else repr(value).encode())
+            h.update(_bytes(value) if isinstance(value, Tensor) else repr(value).encode())
         return h.hexdigest()[:16]
 
     def to_safetensors(self, prefix: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -129,10 +129,18 @@ class CallInputs:
             k[len(prefix) + 6 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}const.")
         }
         try:
-            constants |= json.loads(metadata.get(f"{prefix}constants", "{}"))
+            plain = json.loads(metadata.get(f"{prefix}constants", "{}"))
         except json.JSONDecodeError:
-            raise DataError("the calibration file's recorded call constants are not JSON; record it again") from None
+            plain = None
+        if not isinstance(plain, dict):
+            raise DataError("the calibration file's recorded call constants are not a JSON object; record it again")
+        constants |= plain
         return cls(rows, constants)
+
+
+def _bytes(value: Tensor) -> bytes:
+    """A tensor's raw bytes whatever its dtype (numpy has no bfloat16)."""
+    return value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _flatten(kwargs: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -40,8 +40,9 @@ class CalibrationSet:
             raise DataError("the calibration set is empty; raise --calib-steps/--calib-per-step")
         check_finite(self.x, "calibration data")
         if isinstance(self.cond, CallInputs):
-            if len(self.cond) not in (0, len(self)):
-                raise DataError(f"the calibration set has {len(self)} inputs but {len(self.cond)} recorded calls")
+            lengths = {value.shape[0] for value in self.cond.rows.values()}
+            if lengths - {len(self)}:
+                raise DataError(f"the calibration set has {len(self)} inputs but recorded calls of {sorted(lengths)}")
             for value in self.cond.rows.values():
                 if value.is_floating_point():
                     check_finite(value, "calibration condition")
@@ -121,7 +122,7 @@ class CalibrationSet:
             if isinstance(t, CallInputs):
                 h.update(t.digest(rows).encode())
             elif t is not None:
-                h.update(t[rows].detach().cpu().contiguous().numpy().tobytes())
+                h.update(t[rows].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
 

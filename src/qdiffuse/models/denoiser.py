@@ -32,6 +32,9 @@ PIPELINE_KINDS = frozenset({"pixart", "sd3", "flux"})
 """Denoisers quantized through their diffusers pipeline only (qdiffuse's own sampler does not drive them)."""
 
 SAMPLE_ARGUMENT = {"unet": "sample", "unet_cond": "sample"}
+
+PIPELINE_TIMESTEP_SCALE = {"flux": 1000}
+"""FLUX's pipeline passes t / 1000; calibration records t (see :data:`qdiffuse.pipelines.calibrate.TIMESTEP_SCALE`)."""
 """The name of the noisy-sample argument where it is not ``hidden_states``."""
 
 
@@ -123,6 +126,7 @@ class Denoiser:
             t = t.expand(x.shape[0])
         if isinstance(cond, CallInputs):
             argument = SAMPLE_ARGUMENT.get(self.kind, "hidden_states")
+            t = t / PIPELINE_TIMESTEP_SCALE[self.kind] if self.kind in PIPELINE_TIMESTEP_SCALE else t
             return self.model(**{argument: x, "timestep": t}, **cond.kwargs(), return_dict=False)[0]
         if self.pipeline_only:
             raise ConfigError(

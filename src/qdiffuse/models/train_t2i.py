@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,12 +165,18 @@ def train_fmnist_t2i(
     and moved into place when complete.
     """
     from qdiffuse.models.fmnist import load_fmnist, resolve_data_dir
+    from qdiffuse.models.train import _check_out_dir, _commit
 
     recipe = recipe or T2IRecipe()
+    for what, value in (("vae_steps", recipe.vae_steps), ("unet_steps", recipe.unet_steps),
+                        ("vae_batch", recipe.vae_batch), ("unet_batch", recipe.unet_batch)):
+        if value < 1:
+            raise ConfigError(f"{what} must be at least 1 (got {value})")
+    if not (recipe.unet_lr > 0 and 0 <= recipe.ema_decay < 1 and 0 <= recipe.caption_drop < 1):
+        raise ConfigError("the learning rate must be > 0 and the EMA decay and caption dropout in [0, 1)")
     log = log or (lambda _line: None)
     out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"{out_dir} exists; pass --overwrite to replace it")
+    _check_out_dir(out_dir, overwrite, [])
     images, labels = dataset if dataset is not None else load_fmnist("train", data_dir)
     if test_images is None:
         test_images = load_fmnist("test", data_dir)[0][:2000] if dataset is None else images[:200]
@@ -194,11 +201,17 @@ def train_fmnist_t2i(
         (mean * scaling, std * scaling), labels, states, empty, recipe, seed, log, captions_for=captions_for,
     )
     seconds = time.perf_counter() - started
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe = t2i.assemble_pipeline(vae.to(torch.float16), unet.to(torch.float16), encoder, tokenizer)
-    pipe.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the fp16 cast warns about modules it has no reason to keep
+    try:
+        pipe = t2i.assemble_pipeline(vae.to(torch.float16), unet.to(torch.float16), encoder, tokenizer)
+        pipe.save_pretrained(tmp)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     for name in t2i.EXTERNAL_COMPONENTS:
         shutil.rmtree(tmp / name, ignore_errors=True)
     (tmp / EXTERNAL_FILE).write_text(json.dumps(t2i.EXTERNAL_COMPONENTS, indent=2))
@@ -219,9 +232,9 @@ def train_fmnist_t2i(
     }
     (tmp / "training.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(card(meta))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    for path in [tmp, *tmp.rglob("*")]:  # diffusers writes through 0600 temp files; shipped files are readable
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    _commit(tmp, out_dir, overwrite)
     return out_dir
 
 

@@ -39,10 +39,17 @@ class PipelineBenchConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> PipelineBenchConfig:
-        data = json.loads(Path(path).read_text())
-        data["quant"] = tuple(tuple(q) for q in data["quant"])
-        data["samplers"] = tuple(tuple(s) for s in data.get("samplers", [[None, 50]]))
-        return cls(**data)
+        try:
+            data = json.loads(Path(path).read_text())
+            data["quant"] = tuple(tuple(q) for q in data["quant"])
+            data["samplers"] = tuple(tuple(s) for s in data.get("samplers", [[None, 50]]))
+            config = cls(**data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{path} is not a pipeline grid config ({type(exc).__name__}: {exc}); see benchmarks/cpu-t2i-grid.json"
+            ) from None
+        check_config(config)
+        return config
 
 
 def evaluation_prompts() -> list[str]:
@@ -87,10 +94,18 @@ def run_pipeline_bench(config: PipelineBenchConfig, out: Path, device: str = "cp
     from qdiffuse.pipelines.store import load_pipeline, save_pipeline
 
     quiet_libraries()
+    check_config(config)
     out = Path(out)
+    recorded = out / "config.json"
+    settings = json.loads(json.dumps(asdict(config)))
+    if recorded.is_file():
+        if json.loads(recorded.read_text()) != settings:
+            raise ConfigError(f"{out} holds a pipeline grid run with other settings; use another --out folder")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no pipeline grid; use a new --out folder")
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    recorded.write_text(json.dumps(settings, indent=2))
     prompts = evaluation_prompts()
     rows: list[dict[str, Any]] = []
 
@@ -177,7 +192,7 @@ def render_rows(config: PipelineBenchConfig, rows: list[dict[str, Any]]) -> str:
         f"{config.guidance}, seed {config.seed}; calibration: {config.calib_prompts} training captions, "
         f"{config.calib_inference_steps} steps of the pipeline's scheduler.",
         "",
-        "| denoiser | sampler | FID | text alignment | PSNR to FP (dB) | FID to FP | unet size | calib. (s) |",
+        "| denoiser | sampler | FID | text alignment | PSNR to FP (dB) | FID to FP | denoiser size | calib. (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -191,8 +206,16 @@ def render_rows(config: PipelineBenchConfig, rows: list[dict[str, Any]]) -> str:
 
 
 def check_config(config: PipelineBenchConfig) -> None:
-    if config.num < 1 or config.batch_size < 1:
-        raise ConfigError("num and batch_size must be at least 1")
+    if config.num < 1 or config.batch_size < 1 or config.calib_prompts < 1 or config.calib_inference_steps < 1:
+        raise ConfigError("num, batch_size, calib_prompts and calib_inference_steps must be at least 1")
+    for entry in config.quant:
+        if len(entry) not in (2, 3) or not all(isinstance(v, str) for v in entry[:2]) or (
+            len(entry) == 3 and not isinstance(entry[2], dict)
+        ):
+            raise ConfigError(f"quant entry {entry!r} must be [scheme, method] or [scheme, method, {{overrides}}]")
+    for entry in config.samplers:
+        if len(entry) != 2 or not isinstance(entry[1], int) or entry[1] < 1:
+            raise ConfigError(f"sampler entry {entry!r} must be [sampler or null, steps >= 1]")
 
 
 __all__ = ["PipelineBenchConfig", "run_pipeline_bench", "render_rows", "evaluation_prompts", "calibration_prompts"]

@@ -40,6 +40,12 @@ CONSTANT_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
 positional ids of the image and text tokens), so they are never taken for per-row inputs."""
 
 
+TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000}
+"""Denoisers whose pipeline passes the timestep divided by this: recorded on the scheduler's scale (so every
+per-timestep analysis reads it as such) and divided again on replay (:meth:`qdiffuse.models.denoiser.Denoiser.
+forward_raw`)."""
+
+
 def check_prompts(prompts: Sequence[str] | None) -> list[str]:
     if prompts is None:
         return list(DEFAULT_PROMPTS)
@@ -53,14 +59,15 @@ def split_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Ten
     """One denoiser call as (noisy sample, timestep per row, every other input)."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     bound = dict(bound)
-    extra = bound.pop("kwargs", None)
-    if isinstance(extra, dict):
-        bound.update(extra)
-    sample_name = next(iter(inspect.signature(model.forward).parameters))
+    parameters = inspect.signature(model.forward).parameters
+    for name, parameter in parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(name), dict):
+            bound.update(bound.pop(name))
+    sample_name = next(iter(parameters))
     sample = bound.pop(sample_name)
     timestep = torch.as_tensor(bound.pop("timestep"))
     batch = sample.shape[0]
-    timestep = timestep.reshape(-1).detach().cpu()
+    timestep = timestep.reshape(-1).detach().cpu() * TIMESTEP_SCALE.get(type(model).__name__, 1)
     if timestep.numel() == 1:
         timestep = timestep.expand(batch).clone()
     constants = {k: bound.pop(k) for k in list(bound) if k in CONSTANT_ARGUMENTS}
@@ -82,11 +89,15 @@ def counting_steps(scheduler: Any) -> Iterator[list[int]]:
         finally:
             count[0] += 1
 
+    had = scheduler.__dict__.get("step")
     scheduler.step = step
     try:
         yield count
     finally:
-        del scheduler.step
+        if had is None:
+            del scheduler.step
+        else:
+            scheduler.step = had
 
 
 def pipeline_call(
@@ -101,7 +112,7 @@ def pipeline_call(
     **extra: Any,
 ) -> Any:
     """One generation in latent space (no decoding), with the pipeline's refusals as one line."""
-    try:
+    with refusals_as_one_line(pipe):
         return pipe(
             prompts,
             num_inference_steps=num_inference_steps,
@@ -112,9 +123,25 @@ def pipeline_call(
             output_type="latent",
             **extra,
         )
+
+
+@contextmanager
+def refusals_as_one_line(pipe: Any) -> Iterator[None]:
+    """The pipeline's own input checks (ValueError/TypeError before its denoiser is first called) become one
+    line naming the reason; anything raised once the denoiser runs is not the user's input and keeps its
+    traceback."""
+    model = getattr(pipe, denoiser_component(pipe))
+    started = [False]
+    handle = model.register_forward_pre_hook(lambda *_: started.__setitem__(0, True))
+    try:
+        yield
     except (ValueError, TypeError) as exc:
+        if started[0]:
+            raise
         reason = " ".join(str(exc).split())[:200]
         raise ConfigError(f"the pipeline refused the call ({reason})") from None
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

@@ -98,9 +98,22 @@ def load_fp_pipeline(folder: str | Path, device: str) -> Any:
     return load_pipeline_folder(folder).to(device)
 
 
+def size_factor(pipe: Any) -> int:
+    """What image sizes must be multiples of: the VAE's factor, times the transformer's patch for SD3 and the
+    2×2 token packing of FLUX."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    transformer = getattr(pipe, "transformer", None)
+    name = type(transformer).__name__
+    if name == "SD3Transformer2DModel":
+        factor *= int(transformer.config.patch_size)
+    elif name == "FluxTransformer2DModel":
+        factor *= 2
+    return factor
+
+
 def check_size(pipe: Any, height: int | None, width: int | None) -> None:
     """The VAE halves the image size once per down block: sizes it cannot take fail before any work."""
-    factor = getattr(pipe, "vae_scale_factor", 8)
+    factor = size_factor(pipe)
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None and (value <= 0 or value % factor):
             raise ConfigError(f"{flag} {value} is not a positive multiple of {factor} (the VAE's scale factor)")
@@ -122,6 +135,7 @@ def generate(
     its own generator (seed, b), so FP and quantized pipelines share their noise image by image."""
     import torch
 
+    from qdiffuse.pipelines.calibrate import refusals_as_one_line
     from qdiffuse.sampling.loop import batch_generator
 
     check_size(pipe, height, width)
@@ -129,7 +143,7 @@ def generate(
     out = []
     for b, lo in enumerate(range(0, num, batch_size)):
         batch = [prompts[i] for i in which[lo : lo + batch_size]]
-        with torch.no_grad():
+        with torch.no_grad(), refusals_as_one_line(pipe):
             images = pipe(
                 batch, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                 generator=batch_generator(seed, b), output_type="np",
@@ -142,10 +156,40 @@ def generate(
 
 def _use_sampler(pipe: Any, sampler: str | None) -> None:
     """``--sampler`` swaps the pipeline's scheduler for one built from its own config (None keeps it)."""
-    if sampler is not None:
-        from qdiffuse.sampling.schedulers import make_scheduler
+    if sampler is None:
+        return
+    from qdiffuse.pipelines.ptqd import PTQDScheduler, flow_matching
+    from qdiffuse.sampling.schedulers import make_scheduler
 
-        pipe.scheduler = make_scheduler(sampler, dict(pipe.scheduler.config))
+    current = pipe.scheduler
+    inner = current.scheduler if isinstance(current, PTQDScheduler) else current
+    if flow_matching(inner):
+        raise ConfigError(
+            f"{type(pipe).__name__} samples by flow matching ({type(inner).__name__}); qdiffuse's --sampler "
+            "choices are DDPM-family samplers, so leave --sampler out to use the pipeline's own"
+        )
+    replacement = make_scheduler(sampler, dict(inner.config))
+    # PTQD's statistics are keyed by timestep and stay with the pipeline whatever sampler walks them
+    pipe.scheduler = PTQDScheduler(replacement, current.stats) if isinstance(current, PTQDScheduler) else replacement
+
+
+def default_guidance(pipe_or_folder: Any) -> float:
+    """The guidance scale the pipeline class itself defaults to (SD 7.5, SD3 7.0, PixArt 4.5, FLUX 3.5)."""
+    import inspect
+
+    quiet_libraries()  # resolving a pipeline class imports transformers, which has notices of its own
+    import diffusers
+
+    if isinstance(pipe_or_folder, (str, Path)):
+        from qdiffuse.models.loading import read_json
+
+        index = read_json(resolve_pipeline(pipe_or_folder) / "model_index.json", "model_index.json")
+        cls = getattr(diffusers, str(index.get("_class_name")), None)
+    else:
+        cls = type(pipe_or_folder)
+    parameter = inspect.signature(cls.__call__).parameters.get("guidance_scale") if cls is not None else None
+    value = parameter.default if parameter is not None else None
+    return float(value) if isinstance(value, (int, float)) else 7.5
 
 
 def quantize_pipeline_folder(
@@ -178,7 +222,12 @@ def quantize_pipeline_folder(
         original = PTQDScheduler(original, pipe.scheduler.stats)
     pipe.scheduler = original
     save_pipeline(pipe, out, overwrite, source=str(resolve_pipeline(folder).resolve()))
-    typer.echo(f"wrote {out} ({type(pipe).__name__}, unet {config.scheme} {config.method}; other components FP)")
+    from qdiffuse.pipelines.support import denoiser_component
+
+    typer.echo(
+        f"wrote {out} ({type(pipe).__name__}, {denoiser_component(pipe)} {config.scheme} {config.method}; other "
+        "components FP)"
+    )
 
 
 def sample_pipeline_folder(

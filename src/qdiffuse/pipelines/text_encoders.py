@@ -52,7 +52,8 @@ def quantize_text_encoders(
 ) -> dict[str, int]:
     """Quantize the text encoders of ``pipe`` in place to ``scheme`` (activation ranges from running the pipeline
     on ``prompts`` for one step); ``layers``: fnmatch patterns of the only Linear layers to quantize (the rest stay
-    FP), for per-layer sensitivity. Returns the number of quantized layers per encoder."""
+    FP), for per-layer sensitivity; they match names inside each encoder, so on a pipeline with two encoders a
+    pattern selects the same-named layer of both. Returns the number of quantized layers per encoder."""
     from qdiffuse.calibration.ptq import calibrate_weights
     from qdiffuse.config import QuantConfig
     from qdiffuse.kernels import check_runtime, freeze
@@ -84,7 +85,9 @@ def quantize_text_encoders(
     for q in quantizers:
         q.start_calibration()
     settings = {"guidance_scale": 7.5, "height": None, "width": None, **call_kwargs, "num_inference_steps": 1}
-    pipeline_call(pipe, list(check_prompts(prompts)), seed=0, **settings)
+    texts = list(check_prompts(prompts))
+    for lo in range(0, len(texts), 8):
+        pipeline_call(pipe, texts[lo : lo + 8], seed=0, **settings)
     for q in quantizers:
         q.finish_calibration()
     for encoder in encoders.values():

@@ -155,3 +155,18 @@ def test_a_folder_cannot_name_any_package_for_its_components(tiny_t2i: Path, tmp
     (copy / "qdiffuse_components.json").write_text(json.dumps(specs))
     with pytest.raises(ModelLoadError, match="names package 'os', which qdiffuse does not load components from"):
         load_pipeline_folder(copy)
+
+
+def test_the_shipped_builtin_samples_its_evaluation_captions(tmp_path: Path) -> None:
+    """``qdiffuse sample fmnist-t2i`` with no prompts draws the folder's held-apart captions through diffusers."""
+    from qdiffuse.models.builtin import BUILTIN_MODELS, _is_shipped
+
+    if not _is_shipped(BUILTIN_MODELS["fmnist-t2i"]):
+        pytest.skip("fmnist-t2i is not shipped in this tree")
+    exe = str(Path(sys.executable).parent / "qdiffuse")
+    res = subprocess.run([exe, "sample", "fmnist-t2i", "--num", "4", "--steps", "3", "--out", str(tmp_path / "s.npz"),
+                          "-q"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-1000:]
+    with np.load(tmp_path / "s.npz") as data:
+        assert data["arr_0"].shape == (4, 32, 32, 1) and data["labels"].tolist() == [0, 1, 2, 3]

@@ -231,6 +231,11 @@ def train_fmnist_t2i(
         "torch_threads": torch.get_num_threads(),
     }
     (tmp / "training.json").write_text(json.dumps(meta, indent=2))
+    from qdiffuse.pipelines.bench import calibration_prompts, evaluation_prompts
+    from qdiffuse.pipelines.commands import CALIBRATION_PROMPTS, EVALUATION_PROMPTS
+
+    (tmp / CALIBRATION_PROMPTS).write_text("\n".join(calibration_prompts(64)) + "\n")
+    (tmp / EVALUATION_PROMPTS).write_text("\n".join(evaluation_prompts()) + "\n")
     (tmp / "README.md").write_text(card(meta))
     for path in [tmp, *tmp.rglob("*")]:  # diffusers writes through 0600 temp files; shipped files are readable
         path.chmod(0o755 if path.is_dir() else 0o644)

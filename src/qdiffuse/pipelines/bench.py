@@ -10,6 +10,7 @@ every finished folder and npz, so an interrupted grid resumes.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ def run_pipeline_bench(config: PipelineBenchConfig, out: Path, device: str = "cp
     for entry in config.quant:
         scheme, method, options = entry[0], entry[1], dict(entry[2]) if len(entry) > 2 else {}
         label = options.pop("label", None)
-        name = f"{scheme}-{method}{'-' + label if label else ''}".replace("+", "_")
+        name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{scheme}-{method}{'-' + label if label else ''}")
         folder = out / "models" / name
         if not folder.is_dir():
             pipe = load_fp_pipeline(config.model, device)

@@ -111,8 +111,9 @@ def pipeline_call(
     seed: int,
     **extra: Any,
 ) -> Any:
-    """One generation in latent space (no decoding), with the pipeline's refusals as one line."""
-    with refusals_as_one_line(pipe):
+    """One generation in latent space (no decoding), with the pipeline's refusals as one line and without its
+    progress bar (qdiffuse's own bars say what runs)."""
+    with refusals_as_one_line(pipe), no_progress_bar(pipe):
         return pipe(
             prompts,
             num_inference_steps=num_inference_steps,
@@ -123,6 +124,20 @@ def pipeline_call(
             output_type="latent",
             **extra,
         )
+
+
+@contextmanager
+def no_progress_bar(pipe: Any) -> Iterator[None]:
+    had = hasattr(pipe, "_progress_bar_config")
+    previous = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**previous, "disable": True})
+    try:
+        yield
+    finally:
+        if had:
+            pipe._progress_bar_config = previous
+        else:
+            del pipe._progress_bar_config
 
 
 @contextmanager

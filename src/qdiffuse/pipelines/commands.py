@@ -42,6 +42,16 @@ def resolve_pipeline(path: str | Path) -> Path:
     return Path(path)
 
 
+CALIBRATION_PROMPTS = "calibration_prompts.txt"
+EVALUATION_PROMPTS = "evaluation_prompts.txt"
+
+
+def folder_prompts(folder: str | Path, which: str) -> list[str] | None:
+    """Prompts a pipeline folder ships for calibration or evaluation (``fmnist-t2i`` does), or None."""
+    path = resolve_pipeline(folder) / which
+    return read_prompts(path) if path.is_file() else None
+
+
 def is_pipeline_folder(path: str | Path) -> bool:
     from qdiffuse.models.builtin import BUILTIN_MODELS
 
@@ -212,7 +222,7 @@ def quantize_pipeline_folder(
     from qdiffuse.pipelines.quantize import quantize_pipeline
     from qdiffuse.pipelines.store import save_pipeline
 
-    prompts = read_prompts(prompts_file)
+    prompts = read_prompts(prompts_file) or folder_prompts(folder, CALIBRATION_PROMPTS)
     pipe = load_fp_pipeline(folder, device)
     pipe.set_progress_bar_config(disable=True)
     original = pipe.scheduler
@@ -260,7 +270,7 @@ def sample_pipeline_folder(
     from qdiffuse.pipelines.store import is_quantized_pipeline, load_pipeline
     from qdiffuse.sampling.loop import SampleRequest
 
-    texts = read_prompts(prompts, prompt)
+    texts = read_prompts(prompts, prompt) or folder_prompts(folder, EVALUATION_PROMPTS)
     if texts is None:
         raise ConfigError("a pipeline generates from text; pass --prompt TEXT or --prompts FILE")
     SampleRequest(num=num, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)  # the number checks

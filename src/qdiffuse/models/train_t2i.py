@@ -264,7 +264,7 @@ def card(meta: dict[str, Any]) -> str:
         "(`qdiffuse.models.captions`).",
         "- weights stored in fp16.",
         "",
-        "Load with `qdiffuse.models.builtin_pipeline('fmnist-t2i')` or any qdiffuse command; "
+        "Any qdiffuse command takes it by name (`qdiffuse sample fmnist-t2i ...`); in Python "
         "`qdiffuse.pipelines.external.load_pipeline_folder(path)` builds it with diffusers' own "
         "`StableDiffusionPipeline.from_pretrained`, passing the text encoder from its package.",
         "",

@@ -224,12 +224,24 @@ def test_a_cell_held_elsewhere_is_waited_for_then_taken_over(tmp_path: Path, mon
 def test_shipped_configs_name_valid_schemes_methods_and_samplers() -> None:
     """Every config in benchmarks/ loads and every cell's quantization config can be built, so a typo fails here,
     not hours into a grid."""
+    import json
+
     from qdiffuse.config import QuantConfig
+    from qdiffuse.pipelines.bench import PipelineBenchConfig
     from qdiffuse.sampling.schedulers import SAMPLERS
 
     configs = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.json"))
     assert configs
     for path in configs:
+        if isinstance(json.loads(path.read_text()).get("model"), str):  # a grid over one pipeline
+            pipeline = PipelineBenchConfig.from_json(path)
+            for sampler, _steps in pipeline.samplers:
+                assert sampler is None or sampler in SAMPLERS, path
+            for entry in pipeline.quant:
+                options = {k: v for k, v in (entry[2] if len(entry) > 2 else {}).items()
+                           if k not in ("label", "keep_8bit_extra")}
+                QuantConfig.from_scheme(entry[0], method=entry[1], **{**pipeline.extra, **options})
+            continue
         config = BenchConfig.load(path)
         assert config.name == path.stem, path
         for sampler in config.samplers:

@@ -680,14 +680,15 @@ def demo(
                 "space); run it on fmnist-t2i or a folder qdiffuse train fmnist-t2i wrote"
             )
         report = run_pipeline_demo(
-            out, model=model, num=num or 120, steps=steps, guidance=4.0 if guidance is None else guidance,
+            out, model=model, num=120 if num is None else num, steps=steps,
+            guidance=4.0 if guidance is None else guidance,
             overwrite=overwrite, device=resolve_device(device),
         )
         typer.echo(report.read_text())
         typer.echo(f"wrote {report}")
         return
     report = run_demo(
-        out, model=model, num=num or 50, steps=steps, guidance=2.0 if guidance is None else guidance,
+        out, model=model, num=50 if num is None else num, steps=steps, guidance=2.0 if guidance is None else guidance,
         overwrite=overwrite, device=resolve_device(device),
         runtime=runtime,
     )
@@ -719,8 +720,10 @@ def train(
 
         base = T2IRecipe()
         recipe = T2IRecipe(
-            unet_steps=steps or base.unet_steps, unet_batch=batch_size or base.unet_batch,
-            unet_lr=lr or base.unet_lr, ema_decay=ema_decay or base.ema_decay,
+            unet_steps=base.unet_steps if steps is None else steps,
+            unet_batch=base.unet_batch if batch_size is None else batch_size,
+            unet_lr=base.unet_lr if lr is None else lr,
+            ema_decay=base.ema_decay if ema_decay is None else ema_decay,
         )
         path = train_fmnist_t2i(out, data, recipe, seed=seed, overwrite=overwrite, log=None if quiet else typer.echo)
         typer.echo(f"wrote {path}")

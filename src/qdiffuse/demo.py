@@ -153,6 +153,8 @@ def run_pipeline_demo(
             + ", ".join(f"`{g}.png`" for g in grids)
             + ". Prompts: " + "; ".join(prompts[c * per_class] for c in range(10)) + ".",
             "",
+            *(f"![{g}]({g}.png)" for g in grids),
+            "",
         ]
         (tmp / "report.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=float))
         (tmp / "report.md").write_text("\n".join(lines))

@@ -498,14 +498,13 @@ def analyze(
 ) -> None:
     """Measure PTQD noise statistics per step, store them in the folder and write a report."""
     _setup(quiet)
-    import json
 
     from qdiffuse.fsutil import REPORT_FOLDER, atomic_dir, check_output_path
     from qdiffuse.io import is_quantized_folder
     from qdiffuse.noise.correction import PTQDCorrector
     from qdiffuse.noise.pipeline import analyze_quantized
     from qdiffuse.noise.precision import PlanSwitcher, load_plan
-    from qdiffuse.noise.report import write_report
+    from qdiffuse.noise.report import write_analysis
     from qdiffuse.noise.store import save_stats
     from qdiffuse.pipelines.store import is_quantized_pipeline
     from qdiffuse.sampling.loop import SampleRequest
@@ -550,9 +549,7 @@ def analyze(
     run_sample(quantized.denoiser, quantized.scheduler_config, probe, cond, description="variance bookkeeping",
                **hooks)
     with atomic_dir(out, overwrite, REPORT_FOLDER, inputs) as tmp:
-        (tmp / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
-        (tmp / "variance_calibration.json").write_text(json.dumps(corrector.summary(), indent=2))
-        report = write_report(stats, tmp, corrector.summary())
+        report = write_analysis(tmp, stats, corrector.summary())
     save_stats(folder, stats)
     typer.echo(f"wrote {out / report.name}; statistics stored in {folder}")
 

@@ -115,4 +115,14 @@ def write_report(stats: NoiseStats, folder: Path, correction: dict[str, Any] | N
     return path
 
 
-__all__ = ["write_report", "render_markdown", "plot_curves", "plot_histograms"]
+def write_analysis(folder: Path, stats: NoiseStats, correction: dict[str, Any]) -> Path:
+    """What ``qdiffuse analyze`` writes (for a model or a pipeline): the statistics, the variance bookkeeping and
+    the report with its plots; returns the report's path."""
+    import json
+
+    (folder / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+    (folder / "variance_calibration.json").write_text(json.dumps(correction, indent=2))
+    return write_report(stats, folder, correction)
+
+
+__all__ = ["write_analysis", "write_report", "render_markdown", "plot_curves", "plot_histograms"]

@@ -11,7 +11,7 @@ denoiser twice per step (separate conditional and unconditional passes) is recor
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -81,18 +81,31 @@ def split_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Ten
 def counting_steps(scheduler: Any) -> Iterator[list[int]]:
     """A counter of the pipeline's ``scheduler.step`` calls while the context is open."""
     count = [0]
-    original = scheduler.step
 
-    def step(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(*args, **kwargs)
-        finally:
-            count[0] += 1
+    def counted(original: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            finally:
+                count[0] += 1
 
-    had = scheduler.__dict__.get("step")
-    scheduler.step = step
-    try:
+        return step
+
+    with wrapped_step(scheduler, counted):
         yield count
+
+
+@contextmanager
+def wrapped_step(scheduler: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """``scheduler.step`` replaced on the instance by ``wrap(step)`` (with the original's signature, which
+    pipelines inspect) while the context is open; whatever the instance had before is put back."""
+    import functools
+
+    original = scheduler.step
+    had = scheduler.__dict__.get("step")
+    scheduler.step = functools.wraps(original)(wrap(original))
+    try:
+        yield
     finally:
         if had is None:
             del scheduler.step

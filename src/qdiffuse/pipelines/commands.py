@@ -312,13 +312,12 @@ def analyze_pipeline_folder(
     on ``num`` prompts cycled from the file, quantized outputs on the same inputs), a report, and the statistics
     stored in the folder, where ``load_pipeline`` installs them."""
     quiet_libraries()
-    import json
 
     import torch
     import typer
 
     from qdiffuse.fsutil import REPORT_FOLDER, atomic_dir, check_output_path
-    from qdiffuse.noise.report import write_report
+    from qdiffuse.noise.report import write_analysis
     from qdiffuse.noise.store import save_stats, stats_relpath
     from qdiffuse.pipelines.calibrate import DEFAULT_PROMPTS, pipeline_call
     from qdiffuse.pipelines.ptqd import PTQDScheduler, measure_pipeline_noise
@@ -358,9 +357,7 @@ def analyze_pipeline_folder(
                       seed=seed)
     summary = pipe.scheduler.report()
     with atomic_dir(out, overwrite, REPORT_FOLDER, inputs) as tmp:
-        (tmp / "noise_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
-        (tmp / "variance_calibration.json").write_text(json.dumps(summary, indent=2))
-        report = write_report(stats, tmp, summary)
+        report = write_analysis(tmp, stats, summary)
     save_stats(Path(folder) / component, stats)
     record_ptqd(folder, stats_relpath(stats))
     typer.echo(f"wrote {out / report.name}; statistics stored in {folder} (load_pipeline applies PTQD with them)")

@@ -27,7 +27,7 @@ from qdiffuse.errors import ConfigError
 from qdiffuse.noise.correction import PTQDCorrector, PTQDOptions
 from qdiffuse.noise.schedule import scaled_noise
 from qdiffuse.noise.stats import NoiseStats, StepAccumulator
-from qdiffuse.pipelines.calibrate import check_prompts, pipeline_call
+from qdiffuse.pipelines.calibrate import check_prompts, pipeline_call, wrapped_step
 from qdiffuse.pipelines.support import denoiser_component
 
 
@@ -150,31 +150,30 @@ def measure_pipeline_noise(
     def shadow(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         pending.append((_first_tensor(out), _first_tensor(quantized(*args, **kwargs))))
 
-    original_step = scheduler.step
-
-    def step(model_output: Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        if not pending:  # a step without a denoiser call (a second-order scheduler's bookkeeping): nothing to pair
+    def pairing(original_step: Callable[..., Any]) -> Callable[..., Any]:
+        def step(model_output: Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+            if not pending:  # a step without a denoiser call (a second-order scheduler's bookkeeping)
+                return original_step(model_output, timestep, *args, **kwargs)
+            raw_fp = torch.cat([fp for fp, _ in pending])
+            raw_q = torch.cat([q for _, q in pending])
+            pending.clear()
+            if not combine or not _reproduces(combine[0], raw_fp, model_output):
+                combine[:] = [infer_combination(raw_fp, model_output, guidance_scale)]
+            guided_q = combine[0](raw_q)
+            key = int(torch.as_tensor(timestep).reshape(-1)[0])
+            fp_cf, q_cf = channels_first(model_output), channels_first(guided_q)
+            if key not in accumulators:
+                accumulators[key] = StepAccumulator(fp_cf.shape[1], seed=key)
+            accumulators[key].update(fp_cf, q_cf)
             return original_step(model_output, timestep, *args, **kwargs)
-        raw_fp = torch.cat([fp for fp, _ in pending])
-        raw_q = torch.cat([q for _, q in pending])
-        pending.clear()
-        if not combine or not _reproduces(combine[0], raw_fp, model_output):
-            combine[:] = [infer_combination(raw_fp, model_output, guidance_scale)]
-        guided_q = combine[0](raw_q)
-        key = int(torch.as_tensor(timestep).reshape(-1)[0])
-        fp_cf, q_cf = channels_first(model_output), channels_first(guided_q)
-        if key not in accumulators:
-            accumulators[key] = StepAccumulator(fp_cf.shape[1], seed=key)
-        accumulators[key].update(fp_cf, q_cf)
-        return original_step(model_output, timestep, *args, **kwargs)
+
+        return step
 
     handle = fp_model.register_forward_hook(shadow, with_kwargs=True)
-    had = scheduler.__dict__.get("step")
-    scheduler.step = functools.wraps(original_step)(step)
     previous = pipe.scheduler
     pipe.scheduler = scheduler
     try:
-        with _swapped(pipe, component, fp_model):
+        with wrapped_step(scheduler, pairing), _swapped(pipe, component, fp_model):
             for lo in range(0, len(prompts), batch_size):
                 pipeline_call(
                     pipe, prompts[lo : lo + batch_size], num_inference_steps=num_inference_steps,
@@ -182,10 +181,6 @@ def measure_pipeline_noise(
                 )
     finally:
         handle.remove()
-        if had is None:
-            del scheduler.step
-        else:
-            scheduler.step = had
         pipe.scheduler = previous
     stats = NoiseStats(
         settings={

@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= qdiffuse-demo
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one torch thread each.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint clean
 
@@ -24,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests
 
 test: lint
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -109,12 +109,14 @@ def test_save_load_gives_identical_outputs(
     # The default runtime: same codes on integer kernels where they exist, so its error is float rounding, far
     # below what quantization itself does. At W8A8 the untrained tiny UNet is the exception: its fine 8-bit
     # grids turn a 1e-6 difference of one conv output into a flipped code now and then, and its random weights
-    # amplify each flip (measured: 0.18 of the quantization error; every other case here ~1e-12).
+    # amplify each flip (measured: 0.18 of the quantization error; every other case here ~1e-12 on a CPU with
+    # VNNI, where 8-bit layers run on oneDNN; without VNNI they run on the float fallback instead, and the other
+    # rounding order flipped a code of the conditional UNet at W4A8: 1.7e-4 of the error). A wrong kernel costs a
+    # sizeable share of the quantization error (oneDNN's saturated sums without VNNI: all of it).
     real = _out(load_quantized(out), inputs)
     fp = _out(load_model_folder(tiny_folder(kind, tmp_path_factory)), inputs)
     runtime_error, quantization_error = (real - expected).pow(2).mean(), (expected - fp).pow(2).mean()
-    # QuaRTZ activations on the fallback: the same decoded weights in another float order, 1e-5 of the error here
-    bound = 0.25 if (kind, scheme) == ("unet", "w8a8") else 1e-4 if scheme.startswith("quartz") else 1e-6
+    bound = 0.25 if (kind, scheme) == ("unet", "w8a8") else 1e-3
     assert runtime_error <= bound * quantization_error, (runtime_error, quantization_error)
     assert type(back.denoiser.model) is type(loaded.denoiser.model)
     assert back.subfolder == loaded.subfolder and back.scheduler_config == loaded.scheduler_config

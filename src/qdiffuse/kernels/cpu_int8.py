@@ -11,9 +11,20 @@ is shifted to int8 by −128 and the shift is taken back with the weight's colum
 (``IM2COL_MIN_REDUCTION``) run as im2col + ``_int_mm``, whose k²-fold copy of the input is cheap next to their
 GEMM; narrow ones unpack and prepack their small weight for oneDNN on every call (0.38 ms for 64×64×3×3, against
 17 ms for the conv itself at batch 64, 32×32), which would cost more than the conv for a wide weight.
+
+Both need VNNI (AVX-512 VNNI, AVX-VNNI or AMX). Without it (an AVX2-only CPU), oneDNN multiplies uint8 by int8 with
+``vpmaddubsw``, which adds each pair of products in 16 bits and saturates: with 8-bit weights (2 · 255 · 127 >
+32767) its sums are wrong (outputs off by 25% of their range in ``tests/test_kernels.py``), while with weights of at
+most 7 bits (2 · 255 · 63 ≤ 32767) they stay exact; and ``torch._int_mm`` becomes a reference loop, 14–19× slower
+than FP32 (3920×128×128: 165 against 11.5 ms; 4096×512×512: 2.8 s against 0.15 s), while oneDNN's INT8 linear and
+conv still run 1.2–2.5× faster than FP32 (``python benchmarks/kernel_candidates.py``). :func:`has_vnni` tells the
+dispatch which case it is in.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -27,6 +38,23 @@ IM2COL_MIN_REDUCTION = 1024
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+NO_VNNI_MAX_WEIGHT_BITS = 7
+"""Widest symmetric weight whose uint8 × int8 pair sums fit 16 bits: exact on oneDNN without VNNI."""
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI: exact 8-bit oneDNN sums and a fast ``torch._int_mm`` (see the module notes)."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    if probe is not None:
+        return bool(probe())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _shift_to_int8(codes: Tensor) -> Tensor:
@@ -334,5 +362,7 @@ __all__ = [
     "Int4Conv2d",
     "Int4PrepackConv2d",
     "onednn_available",
+    "has_vnni",
+    "NO_VNNI_MAX_WEIGHT_BITS",
     "IM2COL_MIN_REDUCTION",
 ]

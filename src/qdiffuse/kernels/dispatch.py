@@ -24,6 +24,8 @@ from qdiffuse.kernels.cpu_int8 import (
     Int4PrepackConv2d,
     OnednnConv2d,
     OnednnLinear,
+    NO_VNNI_MAX_WEIGHT_BITS,
+    has_vnni,
     onednn_available,
 )
 from qdiffuse.kernels.cuda_fp8 import Fp8RowwiseLinear, fp8_gemm_capable
@@ -70,6 +72,11 @@ def _int8_problem(part: Part, max_weight_bits: int = 8) -> str | None:
         return "this torch build has no oneDNN quantized ops"
     if spec.kind != "int" or spec.granularity != "channel" or not spec.symmetric or spec.bits > max_weight_bits:
         return f"weights {spec.describe()} are not symmetric per-channel integers of <= {max_weight_bits} bits"
+    if spec.bits > NO_VNNI_MAX_WEIGHT_BITS and not has_vnni():
+        return (
+            f"this CPU has no VNNI, and oneDNN's INT8 sums saturate at 16 bits for weights over "
+            f"{NO_VNNI_MAX_WEIGHT_BITS} bits"
+        )
     acts = variant_quantizers(part.input_quantizer)
     if not acts:
         return "the input stays in floating point (weight-only or an fp input)"
@@ -98,6 +105,9 @@ def _int4_packed_problem(part: Part) -> str | None:
         return "grouped wide convolution (im2col handles groups 1)"
     if (part.weight_shape[0] * _reduction(part)) % 2:
         return "odd number of weights"
+    uses_int_mm = not part.is_conv or _reduction(part) >= IM2COL_MIN_REDUCTION
+    if uses_int_mm and not has_vnni():
+        return "this CPU has no VNNI, where torch._int_mm is slower than FP32 (oneDNN takes it, one byte per weight)"
     return None
 
 
@@ -204,8 +214,8 @@ def available() -> dict[str, bool]:
     """Which real backends this machine can run at all."""
     cuda = torch.cuda.is_available()
     return {
-        "onednn-int8 (CPU)": onednn_available(),
-        "int4-packed (CPU, torch._int_mm)": hasattr(torch, "_int_mm"),
+        "onednn-int8 (CPU; 8-bit weights need VNNI)": onednn_available(),
+        "int4-packed (CPU, torch._int_mm with VNNI)": hasattr(torch, "_int_mm") and has_vnni(),
         "fp8-rowwise (CUDA, sm >= 8.9)": cuda and fp8_gemm_capable(torch.device("cuda")),
     }
 

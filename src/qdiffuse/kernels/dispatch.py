@@ -19,12 +19,12 @@ from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.kernels.base import WeightKernel, variant_quantizers
 from qdiffuse.kernels.cpu_int8 import (
     IM2COL_MIN_REDUCTION,
+    NO_VNNI_MAX_WEIGHT_BITS,
     Int4Conv2d,
     Int4Linear,
     Int4PrepackConv2d,
     OnednnConv2d,
     OnednnLinear,
-    NO_VNNI_MAX_WEIGHT_BITS,
     has_vnni,
     onednn_available,
 )

@@ -15,10 +15,10 @@ GEMM; narrow ones unpack and prepack their small weight for oneDNN on every call
 Both need VNNI (AVX-512 VNNI, AVX-VNNI or AMX). Without it (an AVX2-only CPU), oneDNN multiplies uint8 by int8 with
 ``vpmaddubsw``, which adds each pair of products in 16 bits and saturates: with 8-bit weights (2 · 255 · 127 >
 32767) its sums are wrong (outputs off by 25% of their range in ``tests/test_kernels.py``), while with weights of at
-most 7 bits (2 · 255 · 63 ≤ 32767) they stay exact; and ``torch._int_mm`` becomes a reference loop, 14–19× slower
-than FP32 (3920×128×128: 165 against 11.5 ms; 4096×512×512: 2.8 s against 0.15 s), while oneDNN's INT8 linear and
-conv still run 1.2–2.5× faster than FP32 (``python benchmarks/kernel_candidates.py``). :func:`has_vnni` tells the
-dispatch which case it is in.
+most 7 bits (2 · 255 · 63 ≤ 32767) they stay exact; and ``torch._int_mm`` becomes a reference loop, 20–60× slower
+than FP32 at M ≥ 512, while oneDNN's INT8 linear still runs 1.1–2.6× faster than FP32 there
+(``python benchmarks/kernel_candidates.py --only linear``, BENCHMARKS.md "CPUs without VNNI"). :func:`has_vnni`
+tells the dispatch which case it is in.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ is shifted to int8 by −128 and the shift is taken back with the weight's colum
 GEMM; narrow ones unpack and prepack their small weight for oneDNN on every call (0.38 ms for 64×64×3×3, against
 17 ms for the conv itself at batch 64, 32×32), which would cost more than the conv for a wide weight.
 
-Both need VNNI (AVX-512 VNNI, AVX-VNNI or AMX). Without it (an AVX2-only CPU), oneDNN multiplies uint8 by int8 with
+Both need AVX-512 VNNI. Without it (an AVX2-only CPU), oneDNN multiplies uint8 by int8 with
 ``vpmaddubsw``, which adds each pair of products in 16 bits and saturates: with 8-bit weights (2 · 255 · 127 >
 32767) its sums are wrong (outputs off by 25% of their range in ``tests/test_kernels.py``), while with weights of at
-most 7 bits (2 · 255 · 63 ≤ 32767) they stay exact; and ``torch._int_mm`` becomes a reference loop, 20–60× slower
+most 7 bits (2 · 255 · 63 ≤ 32767) they stay exact; and ``torch._int_mm`` becomes a reference loop, 22–63× slower
 than FP32 at M ≥ 512, while oneDNN's INT8 linear still runs 1.1–2.6× faster than FP32 there
 (``python benchmarks/kernel_candidates.py --only linear``, BENCHMARKS.md "CPUs without VNNI"). :func:`has_vnni`
-tells the dispatch which case it is in.
+tells the dispatch which case it is in. CPUs with AVX-VNNI but no AVX-512 (not measured) count as without, as in
+torch's own probe: the conservative side, correct and only possibly slower.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ NO_VNNI_MAX_WEIGHT_BITS = 7
 
 @functools.cache
 def has_vnni() -> bool:
-    """Whether this CPU has VNNI: exact 8-bit oneDNN sums and a fast ``torch._int_mm`` (see the module notes)."""
+    """Whether this CPU has AVX-512 VNNI: exact 8-bit oneDNN sums and a fast ``torch._int_mm`` (module notes).
+    torch's probe where it has one, else the same flag in ``/proc/cpuinfo``; unknown counts as without."""
     probe = getattr(torch.cpu, "_is_vnni_supported", None)
     if probe is not None:
         return bool(probe())
@@ -54,7 +56,7 @@ def has_vnni() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return "avx512_vnni" in flags.split()
 
 
 def _shift_to_int8(codes: Tensor) -> Tensor:

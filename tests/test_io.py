@@ -24,6 +24,7 @@ from qdiffuse.io import (
     load_quantized,
     save_quantized,
 )
+from qdiffuse.kernels.cpu_int8 import has_vnni
 from qdiffuse.models.loading import LoadedModel, load_model_folder
 from qdiffuse.nn.rewrite import quant_layers
 from qdiffuse.progress import set_progress_enabled
@@ -116,7 +117,9 @@ def test_save_load_gives_identical_outputs(
     real = _out(load_quantized(out), inputs)
     fp = _out(load_model_folder(tiny_folder(kind, tmp_path_factory)), inputs)
     runtime_error, quantization_error = (real - expected).pow(2).mean(), (expected - fp).pow(2).mean()
-    bound = 0.25 if (kind, scheme) == ("unet", "w8a8") else 1e-3
+    # QuaRTZ activations on the fallback: the same decoded weights in another float order, 1e-5 of the error here
+    tight = 1e-4 if scheme.startswith("quartz") else 1e-6
+    bound = 0.25 if (kind, scheme) == ("unet", "w8a8") else tight if has_vnni() else 1e-3
     assert runtime_error <= bound * quantization_error, (runtime_error, quantization_error)
     assert type(back.denoiser.model) is type(loaded.denoiser.model)
     assert back.subfolder == loaded.subfolder and back.scheduler_config == loaded.scheduler_config

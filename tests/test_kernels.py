@@ -85,13 +85,14 @@ CONV_CASES = [
 
 
 @needs_onednn
-@pytest.mark.parametrize("cin,cout,k,stride,pad,groups,bits,kernel", CONV_CASES)
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,pad,groups,bits,kernel",
+    [pytest.param(*case, marks=needs_vnni) if case[6] == 8 else case for case in CONV_CASES],
+)
 def test_conv_kernels_equal_the_simulated_layer(
     cin: int, cout: int, k: int, stride: int, pad: int, groups: int, bits: int, kernel: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if bits == 8 and not has_vnni():
-        pytest.skip("8-bit weights run on oneDNN only on CPUs with VNNI")
     monkeypatch.setattr(dispatch, "has_vnni", lambda: True)  # the _int_mm kernels are exact and tested on any CPU
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups)
     weight, act = SCHEMES["w8a8" if bits == 8 else "w4a8"]
@@ -105,10 +106,10 @@ def test_conv_kernels_equal_the_simulated_layer(
 
 
 @needs_onednn
-@pytest.mark.parametrize("bits,kernel", [(8, "onednn-int8-linear"), (4, "int4-packed-int-mm-linear")])
+@pytest.mark.parametrize(
+    "bits,kernel", [pytest.param(8, "onednn-int8-linear", marks=needs_vnni), (4, "int4-packed-int-mm-linear")]
+)
 def test_linear_kernels_equal_the_simulated_layer(bits: int, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if bits == 8 and not has_vnni():
-        pytest.skip("8-bit weights run on oneDNN only on CPUs with VNNI")
     monkeypatch.setattr(dispatch, "has_vnni", lambda: True)
     weight, act = SCHEMES["w8a8" if bits == 8 else "w4a8"]
     x = torch.randn(2, 5, 33) * 3
@@ -250,8 +251,9 @@ def test_real_and_simulated_loads_agree(unet_w4a8: Path) -> None:
         a, b = simulated.forward_raw(*_inputs(simulated)), real.forward_raw(*_inputs(real))
     psnr = 10 * torch.log10(a.pow(2).max() / (a - b).pow(2).mean())
     # Each layer agrees to float rounding; a rounding difference upstream can flip an activation code downstream,
-    # and such flips add up through the network (40-46 dB seen on different CPUs).
-    assert psnr > 35
+    # and such flips add up through the network. With VNNI the 8-bit layers run on oneDNN (above 45 dB); without,
+    # on the float fallback, whose other rounding order gave 40.4 dB on an AVX2 CPU.
+    assert psnr > (45 if has_vnni() else 35)
 
 
 @needs_onednn

@@ -16,18 +16,18 @@ import argparse
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdiffuse.calibration.collect import collect_calibration
 from qdiffuse.formats.fp4 import fake_quant_mxfp4, fake_quant_nvfp4
+from qdiffuse.formats.integer import fake_quant_int, int_bounds, int_qparams
 from qdiffuse.formats.quartz import fake_quant_quartz
 from qdiffuse.pipeline import load_any
 
 
 def int4_per_tensor(x: Tensor) -> Tensor:
-    scale = x.abs().amax().clamp_min(1e-12) / 7
-    return torch.clamp(torch.round(x / scale), -8, 7) * scale
+    scale, zero_point = int_qparams(x.amin(), x.amax(), 4, symmetric=True)
+    return fake_quant_int(x, scale, zero_point, *int_bounds(4, symmetric=True))
 
 
 FORMATS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -46,12 +46,6 @@ def sqnr_db(x: Tensor, y: Tensor) -> float:
 def channels_last(x: Tensor, layer: nn.Module) -> Tensor:
     """The layer's reduction dimension last: formats group along it."""
     return x.movedim(1, -1) if isinstance(layer, nn.Conv2d) else x
-
-
-def layer_output(layer: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return F.linear(x, layer.weight, layer.bias)
 
 
 def capture_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, tuple[nn.Module, Tensor]]:
@@ -114,12 +108,11 @@ def main() -> None:
             xs = channels_last(x, layer)
             xq = quant(xs)
             act.append(sqnr_db(xs, xq))
-            w = layer.weight.detach().flatten(1) if isinstance(layer, nn.Linear) else layer.weight.detach()
-            w = w.movedim(1, -1) if w.dim() == 4 else w
+            w = channels_last(layer.weight.detach(), layer)
             wgt.append(sqnr_db(w, quant(w)))
             xq_back = xq.movedim(-1, 1) if isinstance(layer, nn.Conv2d) else xq
             with torch.no_grad():
-                out.append(sqnr_db(layer_output(layer, x), layer_output(layer, xq_back)))
+                out.append(sqnr_db(layer(x), layer(xq_back)))
         print(f"  {fname:16s} inputs {summarize(act)} | weights {summarize(wgt)} | outputs {summarize(out)}")
 
 

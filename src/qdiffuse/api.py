@@ -157,11 +157,7 @@ def quantize(
             blocks=config.recon_blocks,
             seed=config.seed,
             checkpoint_dir=Path(config.recon_checkpoint_dir) if config.recon_checkpoint_dir else None,
-            **(
-                {"block_weight": config.mota_block, "align_weight": config.mota_align, "cos_weight": config.mota_cos}
-                if trajectory is not None
-                else {}
-            ),
+            **_mota_terms(config, trajectory is not None, "blocks"),
         )
         if trajectory is not None:
             from qdiffuse.calibration.trajectory import aligned_error
@@ -170,8 +166,24 @@ def quantize(
             alignment = {"fp": aligned_error(fp_denoiser, trajectory, batch_size)}
             alignment["round_to_nearest"] = aligned_error(denoiser, trajectory, batch_size)
         results = reconstruct(fp_model, denoiser, calib, settings, trajectory.aligned if trajectory else None)
-        del fp_model
         info["reconstruction"] = {"units": len(results), "iters": settings.iters, "act_iters": settings.act_iters}
+        if config.recon_output_iters > 0:
+            from qdiffuse.calibration.output_align import OutputAlignSettings, align_outputs
+
+            stage = OutputAlignSettings(
+                iters=config.recon_output_iters,
+                lr=config.recon_output_lr,
+                batch_size=config.recon_batch_size,
+                max_samples=config.recon_max_samples,
+                seed=config.seed,
+            )
+            objective = ReconstructionSettings(**_mota_terms(config, trajectory is not None, "output"))
+            output = align_outputs(
+                denoiser, replace(denoiser, model=fp_model), calib, objective, stage,
+                trajectory.aligned if trajectory else None,
+            )
+            info["reconstruction"]["output_alignment"] = output.to_dict()
+        del fp_model
         if trajectory is not None:
             alignment["reconstructed"] = aligned_error(denoiser, trajectory, batch_size)
             info["mota"] = {
@@ -180,12 +192,21 @@ def quantize(
                 "rows": len(calib),
                 "weights": {"block": config.mota_block, "align": config.mota_align, "cos": config.mota_cos},
                 "intermediate_rows": config.mota_intermediate,
+                "align_at": config.mota_align_at,
                 "aligned_error": alignment,
             }
     setattr(denoiser.model, STATE_ATTR, QuantState(config, plan, info))
     if runtime == "real":
         freeze(denoiser.model)
     return denoiser.model
+
+
+def _mota_terms(config: QuantConfig, aligns: bool, stage: str) -> dict[str, float]:
+    """The objective weights of one reconstruction stage: ``mota``'s where its higher-order terms act
+    (``config.mota_align_at``), the plain target (the settings' defaults) everywhere else."""
+    if not aligns or config.mota_align_at not in (stage, "both"):
+        return {}
+    return {"block_weight": config.mota_block, "align_weight": config.mota_align, "cos_weight": config.mota_cos}
 
 
 def quant_state(model: nn.Module) -> QuantState | None:

@@ -218,9 +218,17 @@ def quantize(
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="qdiffusion: save finished blocks here and resume from them.")
     ] = None,
+    recon_output_iters: Annotated[
+        int, typer.Option(help="qdiffusion/mota: network-output alignment iterations after the blocks (0: none).")
+    ] = 0,
+    recon_output_lr: Annotated[float, typer.Option(help="qdiffusion/mota: its learning rate (log space).")] = 1e-3,
     mota_block: Annotated[float, typer.Option(help="mota: weight of the plain block target.")] = 1.0,
     mota_align: Annotated[float, typer.Option(help="mota: weight of the higher-order (aligned) target.")] = 1.0,
     mota_cos: Annotated[float, typer.Option(help="mota: weight of the cosine term on the aligned target.")] = 0.1,
+    mota_align_at: Annotated[
+        str,
+        typer.Option(help="mota: where the higher-order terms act: blocks, output (needs --recon-output-iters), both."),
+    ] = "blocks",
     no_mota_intermediate: Annotated[
         bool, typer.Option("--no-mota-intermediate", help="mota: step points only, no intermediate-point rows.")
     ] = False,
@@ -279,10 +287,13 @@ def quantize(
         recon_warmup=recon_warmup,
         recon_blocks=recon_blocks,
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+        recon_output_iters=recon_output_iters,
+        recon_output_lr=recon_output_lr,
         mota_block=mota_block,
         mota_align=mota_align,
         mota_cos=mota_cos,
         mota_intermediate=not no_mota_intermediate,
+        mota_align_at=mota_align_at,
     )
     check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():

@@ -37,6 +37,10 @@ OUTLIER_MODES = ("auto", "off")
 """auto: measure every integer-activation input on the calibration data and give the layers one static grid
 cannot hold what they need (smoothing, dynamic ranges, outlier channels in FP, an FP input as the last resort;
 see :mod:`qdiffuse.outliers.auto`); off: one grid per layer as the scheme says."""
+MOTA_ALIGN_AT = ("blocks", "output", "both")
+"""Where ``mota``'s higher-order terms act: the block stage (block outputs on the intermediate point), the
+network-output stage after it (the FP network's ε there; needs ``recon_output_iters`` > 0), or both. The other
+stage keeps the plain target."""
 RECON_UNITS = ("auto", "layer")
 """What reconstruction treats as one unit: diffusers blocks (layer by layer elsewhere), or every layer alone."""
 
@@ -182,10 +186,13 @@ class QuantConfig:
     block, calibration rows per iteration and in all, the two Adam learning rates, AdaRound's regulariser weight,
     its β schedule (start, end) and warm-up fraction, ``auto`` (diffusers blocks) or ``layer`` units, and the folder
     where finished blocks are written and a rerun resumes from (None: no checkpoints). See
-    :class:`qdiffuse.calibration.reconstruct.ReconstructionSettings`.
+    :class:`qdiffuse.calibration.reconstruct.ReconstructionSettings`. ``recon_output_iters`` / ``recon_output_lr``:
+    the network-level stage after the blocks (0: none; :mod:`qdiffuse.calibration.output_align`), with the
+    ``mota`` weights for the ``mota`` methods.
     mota_*: the ``mota`` methods' objective, weights of the plain block target, of the higher-order (aligned)
-    target and of the cosine term, and whether the solver's intermediate points are calibration rows too; the
-    target solver is ``calib_sampler`` at ``calib_num_inference_steps``, and every step point of it is used.
+    target and of the cosine term, whether the solver's intermediate points are calibration rows too, and at which
+    stage the higher-order terms act (:data:`MOTA_ALIGN_AT`); the target solver is ``calib_sampler`` at
+    ``calib_num_inference_steps``, and every step point of it is used.
     """
 
     scheme: str
@@ -220,10 +227,13 @@ class QuantConfig:
     recon_warmup: float = 0.2
     recon_blocks: str = "auto"
     recon_checkpoint_dir: str | None = None
+    recon_output_iters: int = 0
+    recon_output_lr: float = 1e-3
     mota_block: float = 1.0
     mota_align: float = 1.0
     mota_cos: float = 0.1
     mota_intermediate: bool = True
+    mota_align_at: str = "blocks"
 
     def __post_init__(self) -> None:
         for flag, value, low, high, low_open in (
@@ -234,6 +244,7 @@ class QuantConfig:
             ("--recon-beta", self.recon_beta[0] if self.recon_beta else 1.0, 0.0, 1e4, True),
             ("--recon-beta", self.recon_beta[-1] if self.recon_beta else 1.0, 0.0, 1e4, True),
             ("--recon-warmup", self.recon_warmup, 0.0, 1.0, False),
+            ("--recon-output-lr", self.recon_output_lr, 0.0, 10.0, True),
             ("--mota-block", self.mota_block, 0.0, 1e6, False),
             ("--mota-align", self.mota_align, 0.0, 1e6, False),
             ("--mota-cos", self.mota_cos, 0.0, 1e6, False),
@@ -247,6 +258,7 @@ class QuantConfig:
             ("--recon-act-iters", self.recon_act_iters, 10**7),
             ("--recon-batch-size", self.recon_batch_size, 10**6),
             ("--recon-samples", self.recon_max_samples, 10**7),
+            ("--recon-output-iters", self.recon_output_iters, 10**7),
             ("--seed", self.seed, MAX_SEED),
         ):
             check_number(value, flag, 0, high, integer=True)
@@ -263,6 +275,15 @@ class QuantConfig:
                 )
             if self.mota_block == self.mota_align == self.mota_cos == 0:
                 raise ConfigError("--mota-block, --mota-align and --mota-cos are all 0; give one a positive weight")
+            if self.mota_align_at not in MOTA_ALIGN_AT:
+                raise ConfigError(
+                    f"--mota-align-at {self.mota_align_at!r} unknown; use one of {', '.join(MOTA_ALIGN_AT)}"
+                )
+            if self.mota_align_at != "blocks" and self.recon_output_iters == 0:
+                raise ConfigError(
+                    f"--mota-align-at {self.mota_align_at} aligns the network output, which needs "
+                    "--recon-output-iters > 0 (e.g. 200)"
+                )
         if self.outliers not in OUTLIER_MODES:
             raise ConfigError(f"outlier handling {self.outliers!r} unknown; use {' or '.join(OUTLIER_MODES)}")
         if not 0 <= self.lowrank_rank <= 1024:
@@ -486,6 +507,7 @@ __all__ = [
     "TRAJECTORY_METHODS",
     "BIAS_CORRECTING_METHODS",
     "RECON_UNITS",
+    "MOTA_ALIGN_AT",
     "OUTLIER_MODES",
     "RECOMMENDED_METHODS",
     "QuantConfig",

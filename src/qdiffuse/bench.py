@@ -180,7 +180,13 @@ class BenchConfig:
                 "as calib_steps"
             )
         for quant in self.quant:  # every cell's quantization settings, before the first cell runs
-            QuantConfig.from_scheme(quant.scheme, method=quant.method, seed=self.seed, **{**self.calib, **quant.config})
+            self.quant_config(quant)
+
+    def quant_config(self, quant: QuantSetting) -> QuantConfig:
+        """A cell's own settings override the grid's calibration settings, its seed among them, so repeats of
+        one recipe under other calibration seeds are cells of one grid."""
+        return QuantConfig.from_scheme(quant.scheme, method=quant.method, **{"seed": self.seed, **self.calib,
+                                                                             **quant.config})
 
     @classmethod
     def load(cls, path: Path) -> BenchConfig:
@@ -267,9 +273,7 @@ class Bench:
         from qdiffuse.memory import PeakMemory
         from qdiffuse.pipeline import quantize_folder
 
-        config = QuantConfig.from_scheme(
-            quant.scheme, method=quant.method, seed=self.config.seed, **{**self.config.calib, **quant.config}
-        )
+        config = self.config.quant_config(quant)
         analysis = SampleRequest(
             num=self.config.analysis_num,
             steps=config.calib_num_inference_steps,

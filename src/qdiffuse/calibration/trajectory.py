@@ -22,6 +22,10 @@ Choices (the method's authors published no code; each is stated here and switcha
 3. **The solver's own direction ε̃_i** (from its actual FP update, equation above) is recorded per step point
    as the network-level target: it is what :func:`aligned_error` reports and what tests check against the
    solver run by hand.
+4. **Where the higher-order terms act** (``mota_align_at``): in the block stage (choice 2, the default), or in a
+   network-level stage after it (:mod:`qdiffuse.calibration.output_align`, ``recon_output_iters`` > 0), where the
+   target is the FP network's own output at the intermediate point, ε_fp(u_i, s_i), as the method describes
+   it, with the blocks reconstructed toward the plain target; or in both.
 
 The last step of a trajectory, the first-order steps a singlestep solver ends with, and intermediate points used as
 calibration rows keep the plain target. The targets assume ε-prediction; other models are refused.

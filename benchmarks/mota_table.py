@@ -10,12 +10,17 @@ One row per model and recipe: FID at every sampler setting of the grid, PSNR to 
 of the FID gap between the reference recipe (``qdiffusion`` by default) and FP that each recipe closes there, the
 aligned error the quantized folder's manifest records (first-order ε to the FP solver's direction, MSE) and the
 calibration time.
+
+``--seeds`` adds a summary over calibration seeds at the first sampler setting: labels that differ only by a
+``-seedN`` suffix are one recipe (no suffix: the grid's seed), shown with every seed's FID, their mean, and the gap
+closed by the mean against the reference recipe's mean.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from qdiffuse.bench import BenchConfig
@@ -75,7 +80,50 @@ def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[s
     return rows, curves
 
 
-def plot(curves: dict, prefix: Path) -> list[Path]:
+def seed_summary(run: Path, reference: str, path: Path | None = None) -> list[str]:
+    """One row per model and recipe: FID, FID to FP and PSNR to FP per calibration seed and their means."""
+    path = path or Path("benchmarks") / f"{run.name}.json"
+    config = BenchConfig.load(path)
+    first = config.samplers[0]
+    keys = [q.get("label") or f"{q['scheme']}-{q['method']}" for q in json.loads(path.read_text())["quant"]]
+    recipes: dict[str, list[str]] = {}
+    for key in keys:
+        recipes.setdefault(re.sub(r"-seed\d+$", "", key), []).append(key)
+    rows = [
+        f"| model | recipe ({first.sampler} {first.steps}) | seeds | FID per seed | FID mean | gap closed (mean) "
+        "| FID to FP (mean) | PSNR to FP (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    for model in config.models:
+        fp = _cell(run, model, first.key, "fp")
+        done = {
+            base: [c for c in (_cell(run, model, first.key, k) for k in members) if c]
+            for base, members in recipes.items()
+        }
+        ref = mean([c["fid"] for c in done.get(reference, [])])
+        if fp:
+            rows.append(f"| {model} | fp | – | {fp['fid']:.2f} | {fp['fid']:.2f} | – | – | – |")
+        for base, cells in done.items():
+            if not cells:
+                continue
+            fid = mean([c["fid"] for c in cells])
+            gap = None
+            if base != reference and fp and ref is not None and fid is not None and ref != fp["fid"]:
+                gap = (ref - fid) / (ref - fp["fid"])
+            rows.append(
+                f"| {model} | {base} | {len(cells)} | " + ", ".join(f"{c['fid']:.2f}" for c in cells)
+                + f" | {_f(fid, '.2f')} | {_f(gap, '.0%')} | "
+                f"{_f(mean([c['fid_to_fp'] for c in cells if c.get('fid_to_fp') is not None]), '.2f')} | "
+                f"{_f(mean([c['psnr_to_fp'] for c in cells if c.get('psnr_to_fp') is not None]), '.1f')} |"
+            )
+    return rows
+
+
+def plot(curves: dict, prefix: Path, num: int) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +138,7 @@ def plot(curves: dict, prefix: Path) -> list[Path]:
                 steps, fids = zip(*sorted(points), strict=True)
                 ax.plot(steps, fids, marker="o", label=key)
         ax.set_xlabel("DPM-Solver++ 2M steps")
-        ax.set_ylabel("FID (classifier features, N = 200)")
+        ax.set_ylabel(f"FID (classifier features, N = {num})")
         ax.set_title(model)
         ax.set_xticks(sorted({s for pts in by_key.values() for s, _ in pts}))
         ax.legend(fontsize=7)
@@ -108,11 +156,16 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="bench config (default: from the run's name)")
     parser.add_argument("--reference", default="w4a8-qdiffusion-r200")
     parser.add_argument("--plot", type=Path, default=None, help="write PREFIX-<model>.png")
+    parser.add_argument("--seeds", action="store_true", help="add the summary over calibration seeds")
     args = parser.parse_args()
     rows, curves = collect(args.run, args.reference, args.config)
     print("\n".join(rows))
+    if args.seeds:
+        print()
+        print("\n".join(seed_summary(args.run, args.reference, args.config)))
     if args.plot is not None:
-        for path in plot(curves, args.plot):
+        config_path = args.config or Path("benchmarks") / f"{args.run.name}.json"
+        for path in plot(curves, args.plot, BenchConfig.load(config_path).num):
             print(f"wrote {path}")
 
 

@@ -148,6 +148,22 @@ def test_per_setting_config_is_checked(tmp_path: Path) -> None:
     assert BenchConfig.load(tmp_path / "b.json").calib == {"fp_inputs": []}
 
 
+def test_a_cell_may_set_its_own_calibration_seed(tmp_path: Path) -> None:
+    """The grid's seed is every cell's calibration seed unless the cell's config names another (seed repeats of
+    one recipe in one grid)."""
+    base = {"name": "b", "models": ["m"], "samplers": [{"sampler": "ddim", "steps": 3}], "seed": 5,
+            "calib": {"recon_iters": 7}}
+    quant = [
+        {"scheme": "w4a8", "method": "qdiffusion", "label": "grid-seed"},
+        {"scheme": "w4a8", "method": "qdiffusion", "label": "own-seed", "config": {"seed": 1, "recon_iters": 3}},
+    ]
+    (tmp_path / "b.json").write_text(json.dumps({**base, "quant": quant}))
+    config = BenchConfig.load(tmp_path / "b.json")
+    grid, own = (config.quant_config(q) for q in config.quant)
+    assert (grid.seed, grid.recon_iters) == (5, 7)
+    assert (own.seed, own.recon_iters) == (1, 3)
+
+
 def _count_samples(monkeypatch, delay: float = 0.0) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Count how often each cell is sampled (by any worker), optionally making every cell slow."""
     import threading

@@ -188,3 +188,32 @@ def test_mota_reconstruction_lowers_the_aligned_loss(model: torch.nn.Module) -> 
     results = reconstruct(fp, denoiser, traj.calib, settings, traj.aligned)
     assert all(r.loss <= r.loss_rtn for r in results)
     assert sum(r.loss for r in results) < 0.99 * sum(r.loss_rtn for r in results)
+
+
+def test_plan_is_decided_on_the_standard_set_unless_asked(model: torch.nn.Module) -> None:
+    """By default ``mota`` decides outlier treatments, guard and ranges on qdiffusion's schedule-wide rows: with
+    no reconstruction iterations the two methods give the same model, bit for bit. ``mota_plan_data='trajectory'``
+    decides them on the solver's own rows instead (only the timesteps it visits)."""
+    from qdiffuse.api import quant_state
+
+    common = dict(calib_steps=4, calib_per_step=2, recon_iters=0, recon_act_iters=0, guard_db=0.5)
+    qdiff = quantize(Denoiser.from_model(copy.deepcopy(model), META), CONFIG,
+                     QuantConfig.from_scheme("w4a8", method="qdiffusion", **common), guidance=2.0, runtime="simulated")
+    mota_config = dict(common, calib_sampler="dpm++2m", calib_num_inference_steps=4)
+    mota = quantize(Denoiser.from_model(copy.deepcopy(model), META), CONFIG,
+                    QuantConfig.from_scheme("w4a8", method="mota", **mota_config), guidance=2.0, runtime="simulated")
+    q_info, m_info = quant_state(qdiff).calibration, quant_state(mota).calibration
+    assert m_info["timesteps"] == q_info["timesteps"] and len(m_info["timesteps"]) == 4
+    assert m_info["mota"]["plan_data"] == "standard" and m_info["mota"]["rows"] > m_info["inputs"]
+    assert m_info.get("guard") == q_info.get("guard") and m_info.get("outliers") == q_info.get("outliers")
+    q_state, m_state = qdiff.state_dict(), mota.state_dict()
+    assert q_state.keys() == m_state.keys()
+    for key, value in q_state.items():
+        assert torch.equal(value, m_state[key]), key
+    own = quantize(Denoiser.from_model(copy.deepcopy(model), META), CONFIG,
+                   QuantConfig.from_scheme("w4a8", method="mota", mota_plan_data="trajectory", **mota_config),
+                   guidance=2.0, runtime="simulated")
+    solver_steps = {int(t) for t in solver_intervals("dpm++2m", CONFIG, 4)[1]}
+    assert set(quant_state(own).calibration["timesteps"]) >= solver_steps
+    with pytest.raises(ConfigError, match="--mota-plan-data 'mixed' unknown"):
+        QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="dpm++2m", mota_plan_data="mixed")

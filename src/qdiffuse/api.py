@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from qdiffuse.calibration.bias import correct_bias, fp_weights
 from qdiffuse.calibration.collect import CalibrationSet, collect_calibration
 from qdiffuse.calibration.ptq import calibrate_ptq
-from qdiffuse.config import QuantConfig
+from qdiffuse.config import STANDARD_CALIB_SAMPLER, STANDARD_CALIB_STEPS, QuantConfig
 from qdiffuse.errors import ConfigError
 from qdiffuse.models.denoiser import Denoiser
 from qdiffuse.nn.rewrite import LayerPlan, quant_layers, quantize_model
@@ -84,15 +84,22 @@ def quantize(
             cond=cond,
             include_intermediate=config.mota_intermediate,
         )
-        calib = trajectory.calib
+        if config.mota_plan_data == "trajectory":
+            calib = trajectory.calib
     if calib is None:
+        # trajectory methods plan on the schedule-wide set qdiffusion uses (QuantConfig's default sampler/steps)
+        plan_sampler, plan_steps = (
+            (STANDARD_CALIB_SAMPLER, STANDARD_CALIB_STEPS)
+            if trajectory is not None
+            else (config.calib_sampler, config.calib_num_inference_steps)
+        )
         calib = collect_calibration(
             denoiser,
             scheduler_config,
             n_steps=config.calib_steps,
             n_per_step=config.calib_per_step,
-            sampler=config.calib_sampler,
-            num_inference_steps=config.calib_num_inference_steps,
+            sampler=plan_sampler,
+            num_inference_steps=plan_steps,
             guidance=guidance,
             labels=labels,
             seed=config.seed,
@@ -165,7 +172,8 @@ def quantize(
             fp_denoiser = replace(denoiser, model=fp_model)
             alignment = {"fp": aligned_error(fp_denoiser, trajectory, batch_size)}
             alignment["round_to_nearest"] = aligned_error(denoiser, trajectory, batch_size)
-        results = reconstruct(fp_model, denoiser, calib, settings, trajectory.aligned if trajectory else None)
+        recon_calib = trajectory.calib if trajectory is not None else calib
+        results = reconstruct(fp_model, denoiser, recon_calib, settings, trajectory.aligned if trajectory else None)
         info["reconstruction"] = {"units": len(results), "iters": settings.iters, "act_iters": settings.act_iters}
         if config.recon_output_iters > 0:
             from qdiffuse.calibration.output_align import OutputAlignSettings, align_outputs
@@ -179,7 +187,7 @@ def quantize(
             )
             objective = ReconstructionSettings(**_mota_terms(config, trajectory is not None, "output"))
             output = align_outputs(
-                denoiser, replace(denoiser, model=fp_model), calib, objective, stage,
+                denoiser, replace(denoiser, model=fp_model), recon_calib, objective, stage,
                 trajectory.aligned if trajectory else None,
             )
             info["reconstruction"]["output_alignment"] = output.to_dict()
@@ -189,7 +197,8 @@ def quantize(
             info["mota"] = {
                 "sampler": config.calib_sampler,
                 "steps": config.calib_num_inference_steps,
-                "rows": len(calib),
+                "rows": len(recon_calib),
+                "plan_data": config.mota_plan_data,
                 "weights": {"block": config.mota_block, "align": config.mota_align, "cos": config.mota_cos},
                 "intermediate_rows": config.mota_intermediate,
                 "align_at": config.mota_align_at,

@@ -229,6 +229,11 @@ def quantize(
         str,
         typer.Option(help="mota: where the higher-order terms act: blocks, output (needs --recon-output-iters), both."),
     ] = "blocks",
+    mota_plan_data: Annotated[
+        str,
+        typer.Option(help="mota: rows that decide outlier treatments, guard and ranges: standard (qdiffusion's "
+                     "schedule-wide set) or trajectory (the solver's own rows)."),
+    ] = "standard",
     no_mota_intermediate: Annotated[
         bool, typer.Option("--no-mota-intermediate", help="mota: step points only, no intermediate-point rows.")
     ] = False,
@@ -294,6 +299,7 @@ def quantize(
         mota_cos=mota_cos,
         mota_intermediate=not no_mota_intermediate,
         mota_align_at=mota_align_at,
+        mota_plan_data=mota_plan_data,
     )
     check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():

@@ -41,6 +41,15 @@ MOTA_ALIGN_AT = ("blocks", "output", "both")
 """Where ``mota``'s higher-order terms act: the block stage (block outputs on the intermediate point), the
 network-output stage after it (the FP network's ε there; needs ``recon_output_iters`` > 0), or both. The other
 stage keeps the plain target."""
+MOTA_PLAN_DATA = ("standard", "trajectory")
+"""What ``mota`` decides its precision plan on (outlier treatments, the end-to-end guard, activation ranges, bias
+correction): ``standard``, the schedule-wide time-step-aware set ``qdiffusion`` uses (``calib_steps`` of a
+``STANDARD_CALIB_STEPS``-step ``STANDARD_CALIB_SAMPLER`` run), so the two methods start reconstruction from the
+same model and differ only in what reconstruction fits; or ``trajectory``, the target solver's own rows, which
+cover only the timesteps that solver visits (at 10 DPM-Solver++ steps none below t = 90 or above t = 900, where
+a model's activations may need what the solver's rows never show). Reconstruction always fits the solver's rows."""
+STANDARD_CALIB_SAMPLER = "ddim"
+STANDARD_CALIB_STEPS = 50
 RECON_UNITS = ("auto", "layer")
 """What reconstruction treats as one unit: diffusers blocks (layer by layer elsewhere), or every layer alone."""
 
@@ -191,7 +200,8 @@ class QuantConfig:
     ``mota`` weights for the ``mota`` methods.
     mota_*: the ``mota`` methods' objective, weights of the plain block target, of the higher-order (aligned)
     target and of the cosine term, whether the solver's intermediate points are calibration rows too, and at which
-    stage the higher-order terms act (:data:`MOTA_ALIGN_AT`); the target solver is ``calib_sampler`` at
+    stage the higher-order terms act (:data:`MOTA_ALIGN_AT`), and which rows decide the precision plan
+    (:data:`MOTA_PLAN_DATA`); the target solver is ``calib_sampler`` at
     ``calib_num_inference_steps``, and every step point of it is used.
     """
 
@@ -213,8 +223,8 @@ class QuantConfig:
     mixed_activation_bits: tuple[int, ...] = ()
     calib_steps: int = 20
     calib_per_step: int = 32
-    calib_sampler: str = "ddim"
-    calib_num_inference_steps: int = 50
+    calib_sampler: str = STANDARD_CALIB_SAMPLER
+    calib_num_inference_steps: int = STANDARD_CALIB_STEPS
     seed: int = 0
     recon_iters: int = 500
     recon_act_iters: int = 200
@@ -234,6 +244,7 @@ class QuantConfig:
     mota_cos: float = 0.1
     mota_intermediate: bool = True
     mota_align_at: str = "blocks"
+    mota_plan_data: str = "standard"
 
     def __post_init__(self) -> None:
         for flag, value, low, high, low_open in (
@@ -275,6 +286,10 @@ class QuantConfig:
                 )
             if self.mota_block == self.mota_align == self.mota_cos == 0:
                 raise ConfigError("--mota-block, --mota-align and --mota-cos are all 0; give one a positive weight")
+            if self.mota_plan_data not in MOTA_PLAN_DATA:
+                raise ConfigError(
+                    f"--mota-plan-data {self.mota_plan_data!r} unknown; use one of {', '.join(MOTA_PLAN_DATA)}"
+                )
             if self.mota_align_at not in MOTA_ALIGN_AT:
                 raise ConfigError(
                     f"--mota-align-at {self.mota_align_at!r} unknown; use one of {', '.join(MOTA_ALIGN_AT)}"
@@ -508,6 +523,9 @@ __all__ = [
     "BIAS_CORRECTING_METHODS",
     "RECON_UNITS",
     "MOTA_ALIGN_AT",
+    "MOTA_PLAN_DATA",
+    "STANDARD_CALIB_SAMPLER",
+    "STANDARD_CALIB_STEPS",
     "OUTLIER_MODES",
     "RECOMMENDED_METHODS",
     "QuantConfig",

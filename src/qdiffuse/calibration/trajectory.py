@@ -26,6 +26,13 @@ Choices (the method's authors published no code; each is stated here and switcha
    network-level stage after it (:mod:`qdiffuse.calibration.output_align`, ``recon_output_iters`` > 0), where the
    target is the FP network's own output at the intermediate point, ε_fp(u_i, s_i), as the method describes
    it, with the blocks reconstructed toward the plain target; or in both.
+5. **Which rows decide the precision plan** (``mota_plan_data``): by default the schedule-wide time-step-aware set
+   ``qdiffusion`` uses decides outlier treatments, the end-to-end guard, activation ranges and bias correction, so
+   ``mota`` and ``qdiffusion`` start reconstruction from the same model and differ only in what it fits; the
+   solver's rows alone (``trajectory``) cover only the timesteps the solver visits (t = 90…900 at 10 DPM-Solver++
+   steps), and on ``fmnist-dit`` the guard measured 1.3 dB of activation loss on them against 3.7 dB on the
+   schedule-wide rows (t = 0…980), so it left in place a layer input it otherwise moves to FP (BENCHMARKS.md,
+   "Sampling-aware quantization").
 
 The last step of a trajectory, the first-order steps a singlestep solver ends with, and intermediate points used as
 calibration rows keep the plain target. The targets assume ε-prediction; other models are refused.

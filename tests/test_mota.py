@@ -199,7 +199,7 @@ def test_plan_is_decided_on_the_standard_set_unless_asked(model: torch.nn.Module
     common = dict(calib_steps=4, calib_per_step=2, recon_iters=0, recon_act_iters=0, guard_db=0.5)
     qdiff = quantize(Denoiser.from_model(copy.deepcopy(model), META), CONFIG,
                      QuantConfig.from_scheme("w4a8", method="qdiffusion", **common), guidance=2.0, runtime="simulated")
-    mota_config = dict(common, calib_sampler="dpm++2m", calib_num_inference_steps=4)
+    mota_config = dict(common, calib_sampler="dpm++2m", calib_num_inference_steps=4, recon_output_iters=0)
     mota = quantize(Denoiser.from_model(copy.deepcopy(model), META), CONFIG,
                     QuantConfig.from_scheme("w4a8", method="mota", **mota_config), guidance=2.0, runtime="simulated")
     q_info, m_info = quant_state(qdiff).calibration, quant_state(mota).calibration

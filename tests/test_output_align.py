@@ -116,6 +116,21 @@ def test_align_at_output_keeps_the_blocks_plain(model: torch.nn.Module) -> None:
     assert quant_state(q).calibration["mota"]["align_at"] == "output"
     assert "output_alignment" in quant_state(q).calibration["reconstruction"]
     with pytest.raises(ConfigError, match="--recon-output-iters > 0"):
-        QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="dpm++2m", mota_align_at="output")
+        QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="dpm++2m", mota_align_at="output",
+                                recon_output_iters=0)
     with pytest.raises(ConfigError, match="--mota-align-at 'middle' unknown"):
         QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="dpm++2m", mota_align_at="middle")
+
+
+def test_mota_aligns_at_the_output_by_default() -> None:
+    """``mota`` runs the network-output stage with its higher-order terms there unless told otherwise; without
+    the stage it aligns the blocks; other methods run no output stage unless asked."""
+    from qdiffuse.config import MOTA_OUTPUT_ITERS
+
+    default = QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="dpm++2m")
+    assert (default.recon_output_iters, default.mota_align_at) == (MOTA_OUTPUT_ITERS, "output")
+    blocks = QuantConfig.from_scheme("w4a8", method="mota+ptqd", calib_sampler="dpm++2m", recon_output_iters=0)
+    assert (blocks.recon_output_iters, blocks.mota_align_at) == (0, "blocks")
+    both = QuantConfig.from_scheme("w4a8", method="mota", calib_sampler="dpm++2m", mota_align_at="both")
+    assert (both.recon_output_iters, both.mota_align_at) == (MOTA_OUTPUT_ITERS, "both")
+    assert QuantConfig.from_scheme("w4a8", method="qdiffusion").recon_output_iters == 0

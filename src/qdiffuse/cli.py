@@ -219,16 +219,19 @@ def quantize(
         Path | None, typer.Option(help="qdiffusion: save finished blocks here and resume from them.")
     ] = None,
     recon_output_iters: Annotated[
-        int, typer.Option(help="qdiffusion/mota: network-output alignment iterations after the blocks (0: none).")
-    ] = 0,
+        int | None,
+        typer.Option(help="qdiffusion/mota: network-output stage iterations after the blocks (0: none; default "
+                     "200 for mota, 0 otherwise)."),
+    ] = None,
     recon_output_lr: Annotated[float, typer.Option(help="qdiffusion/mota: its learning rate (log space).")] = 1e-3,
     mota_block: Annotated[float, typer.Option(help="mota: weight of the plain block target.")] = 1.0,
     mota_align: Annotated[float, typer.Option(help="mota: weight of the higher-order (aligned) target.")] = 1.0,
     mota_cos: Annotated[float, typer.Option(help="mota: weight of the cosine term on the aligned target.")] = 0.1,
     mota_align_at: Annotated[
-        str,
-        typer.Option(help="mota: where the higher-order terms act: blocks, output (needs --recon-output-iters), both."),
-    ] = "blocks",
+        str | None,
+        typer.Option(help="mota: where the higher-order terms act: blocks, output (needs --recon-output-iters), "
+                     "both (default: output, or blocks with --recon-output-iters 0)."),
+    ] = None,
     mota_plan_data: Annotated[
         str,
         typer.Option(help="mota: rows that decide outlier treatments, guard and ranges: standard (qdiffusion's "
@@ -292,13 +295,13 @@ def quantize(
         recon_warmup=recon_warmup,
         recon_blocks=recon_blocks,
         recon_checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-        recon_output_iters=recon_output_iters,
+        **({} if recon_output_iters is None else {"recon_output_iters": recon_output_iters}),
         recon_output_lr=recon_output_lr,
         mota_block=mota_block,
         mota_align=mota_align,
         mota_cos=mota_cos,
         mota_intermediate=not no_mota_intermediate,
-        mota_align_at=mota_align_at,
+        **({} if mota_align_at is None else {"mota_align_at": mota_align_at}),
         mota_plan_data=mota_plan_data,
     )
     check_output_path(out, overwrite, QUANTIZED_FOLDER, inputs=_input_paths(model, condition))

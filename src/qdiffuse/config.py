@@ -48,6 +48,10 @@ correction): ``standard``, the schedule-wide time-step-aware set ``qdiffusion`` 
 same model and differ only in what reconstruction fits; or ``trajectory``, the target solver's own rows, which
 cover only the timesteps that solver visits (at 10 DPM-Solver++ steps none below t = 90 or above t = 900, where
 a model's activations may need what the solver's rows never show). Reconstruction always fits the solver's rows."""
+MOTA_OUTPUT_ITERS = 200
+"""``mota``'s default network-output stage: its higher-order terms act there (``mota_align_at='output'``), on the
+network's own ε, with the blocks reconstructed toward the plain target. Set ``recon_output_iters=0`` for the
+block-level alignment alone (``mota_align_at`` then defaults to ``blocks``)."""
 STANDARD_CALIB_SAMPLER = "ddim"
 STANDARD_CALIB_STEPS = 50
 RECON_UNITS = ("auto", "layer")
@@ -371,6 +375,9 @@ class QuantConfig:
         fp_inputs = tuple(fp_inputs) if activation is not None else ()
         if activation is not None and activation.kind == "int" and activation.bits >= 8 and scheme not in MIXED_SCHEMES:
             kwargs.setdefault("guard_db", DEFAULT_GUARD_DB)
+        if method in TRAJECTORY_METHODS:
+            kwargs.setdefault("recon_output_iters", MOTA_OUTPUT_ITERS)
+            kwargs.setdefault("mota_align_at", "output" if kwargs["recon_output_iters"] > 0 else "blocks")
         return cls(
             scheme=scheme,
             weight=weight,
@@ -524,6 +531,7 @@ __all__ = [
     "RECON_UNITS",
     "MOTA_ALIGN_AT",
     "MOTA_PLAN_DATA",
+    "MOTA_OUTPUT_ITERS",
     "STANDARD_CALIB_SAMPLER",
     "STANDARD_CALIB_STEPS",
     "OUTLIER_MODES",

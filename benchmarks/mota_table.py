@@ -30,6 +30,11 @@ def _f(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _grid(run: Path, path: Path | None) -> BenchConfig:
+    """The bench config of ``run``: ``path``, or ``benchmarks/<run folder name>.json``."""
+    return BenchConfig.load(path or Path("benchmarks") / f"{run.name}.json")
+
+
 def _cell(run: Path, model: str, sampler_key: str, key: str) -> dict | None:
     path = run / "cells" / f"{Path(model).name}__{sampler_key}__{key}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -44,9 +49,8 @@ def _aligned_mse(run: Path, model: str, key: str) -> float | None:
 
 
 def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[str], dict]:
-    path = path or Path("benchmarks") / f"{run.name}.json"
-    config = BenchConfig.load(path)
-    keys = [q.get("label") or f"{q['scheme']}-{q['method']}" for q in json.loads(path.read_text())["quant"]]
+    config = _grid(run, path)
+    keys = [q.key for q in config.quant]
     samplers = [(s.key, f"{s.sampler} {s.steps}") for s in config.samplers]
     head = "| model | recipe | " + " | ".join(f"FID {name}" for _, name in samplers)
     head += f" | PSNR to FP ({samplers[0][1]}) | gap closed ({samplers[0][1]}) | aligned MSE | calibration s |"
@@ -82,10 +86,9 @@ def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[s
 
 def seed_summary(run: Path, reference: str, path: Path | None = None) -> list[str]:
     """One row per model and recipe: FID, FID to FP and PSNR to FP per calibration seed and their means."""
-    path = path or Path("benchmarks") / f"{run.name}.json"
-    config = BenchConfig.load(path)
+    config = _grid(run, path)
     first = config.samplers[0]
-    keys = [q.get("label") or f"{q['scheme']}-{q['method']}" for q in json.loads(path.read_text())["quant"]]
+    keys = [q.key for q in config.quant]
     recipes: dict[str, list[str]] = {}
     for key in keys:
         recipes.setdefault(re.sub(r"-seed\d+$", "", key), []).append(key)
@@ -164,8 +167,7 @@ def main() -> None:
         print()
         print("\n".join(seed_summary(args.run, args.reference, args.config)))
     if args.plot is not None:
-        config_path = args.config or Path("benchmarks") / f"{args.run.name}.json"
-        for path in plot(curves, args.plot, BenchConfig.load(config_path).num):
+        for path in plot(curves, args.plot, _grid(args.run, args.config).num):
             print(f"wrote {path}")
 
 

@@ -30,14 +30,16 @@ def _fid(feats: np.ndarray, ref: dict[str, np.ndarray]) -> float:
     return frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method="eigh")
 
 
-def bootstrap(run: Path, model: str, setting: str, reference: str, draws: int, seed: int) -> list[str]:
+def paired(
+    run: Path, model: str, setting: str, reference: str, draws: int, seed: int = 0
+) -> tuple[int, dict[str, float], dict[str, np.ndarray]]:
+    """The cells' image count, each recipe's FID and its bootstrap draws (the same image indices for every recipe)."""
     samples = sorted((run / "samples").glob(f"{Path(model).name}__{setting}__*.npz"))
     if not samples:
         raise SystemExit(f"no samples for {model} {setting} in {run / 'samples'}")
     net = load_classifier()
     ref = load_reference_stats()
-    feats = {p.stem.split("__")[-1]: extract_features(net, load_samples(p)[0]).pool.astype(np.float64)
-             for p in samples}
+    feats = {p.stem.split("__")[-1]: extract_features(net, load_samples(p)[0]).pool.astype(np.float64) for p in samples}
     n = {f.shape[0] for f in feats.values()}
     if len(n) != 1:
         raise SystemExit(f"the cells hold different numbers of images ({sorted(n)}); pass one grid's run folder")
@@ -46,6 +48,17 @@ def bootstrap(run: Path, model: str, setting: str, reference: str, draws: int, s
     draws_idx = [gen.integers(0, size, size) for _ in range(draws)]
     boot = {key: np.array([_fid(f[idx], ref) for idx in draws_idx]) for key, f in feats.items()}
     full = {key: _fid(f, ref) for key, f in feats.items()}
+    return size, full, boot
+
+
+def interval(boot: dict[str, np.ndarray], key: str, reference: str) -> tuple[float, float]:
+    """The central 90% interval of FID(key) − FID(reference) over the paired draws."""
+    lo, hi = np.quantile(boot[key] - boot[reference], [0.05, 0.95])
+    return float(lo), float(hi)
+
+
+def bootstrap(run: Path, model: str, setting: str, reference: str, draws: int, seed: int) -> list[str]:
+    size, full, boot = paired(run, model, setting, reference, draws, seed)
     rows = [
         f"{model}, {setting}, N = {size}, {draws} paired draws; Δ = recipe − {reference}",
         "",
@@ -54,8 +67,7 @@ def bootstrap(run: Path, model: str, setting: str, reference: str, draws: int, s
     ]
     for key in sorted(full, key=lambda k: (k != "fp", k)):
         if reference in boot and key != reference:
-            delta = boot[key] - boot[reference]
-            lo, hi = np.quantile(delta, [0.05, 0.95])
+            lo, hi = interval(boot, key, reference)
             diff = f"{full[key] - full[reference]:+.2f} | [{lo:+.2f}, {hi:+.2f}]"
         else:
             diff = "– | –"

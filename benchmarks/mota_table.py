@@ -1,7 +1,7 @@
 """Markdown table (and FID-vs-steps plots) of the MOTA grid (BENCHMARKS.md, "Sampling-aware quantization").
 
     python benchmarks/mota_table.py runs/cpu-mota-w4a8 [--config benchmarks/cpu-mota-ablation.json] \
-        [--plot benchmarks/plots/mota-w4a8]
+        [--plot benchmarks/plots/mota-w4a8] [--steps]
 
 Rows and sampler settings come from the bench config (default: ``benchmarks/<run folder name>.json``); several
 configs may share one run folder (the ablation reuses the main grid's FP cells).
@@ -11,9 +11,10 @@ of the FID gap between the reference recipe (``qdiffusion`` by default) and FP t
 aligned error the quantized folder's manifest records (first-order ε to the FP solver's direction, MSE) and the
 calibration time.
 
-``--seeds`` adds a summary over calibration seeds at the first sampler setting: labels that differ only by a
-``-seedN`` suffix are one recipe (no suffix: the grid's seed), shown with every seed's FID, their mean, and the gap
-closed by the mean against the reference recipe's mean.
+``--steps`` adds one row per sampler and step count with each recipe's paired FID difference to the reference
+recipe and its bootstrap interval. ``--seeds`` adds a summary over calibration seeds at the first sampler setting:
+labels that differ only by a ``-seedN`` suffix are one recipe (no suffix: the grid's seed), shown with every seed's
+FID, their mean, and the gap closed by the mean against the reference recipe's mean.
 """
 
 from __future__ import annotations
@@ -65,19 +66,20 @@ def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[s
             if not any(cells):
                 rows.append(f"| {model} | {key} | not run |" + " |" * (len(samplers) + 4))
                 continue
-            family = samplers[0][1].split()[0]
-            curves.setdefault(model, {})[key] = [
-                (int(n.split()[-1]), c["fid"])
-                for (_, n), c in zip(samplers, cells, strict=True)
-                if c and n.startswith(family)
-            ]
+            for (_, name), c in zip(samplers, cells, strict=True):
+                if c:
+                    family, steps = name.split()
+                    curves.setdefault(model, {}).setdefault(family, {}).setdefault(key, []).append(
+                        (int(steps), c["fid"])
+                    )
             gap = None
             if key not in ("fp", reference) and fp and ref and cells[0] and ref["fid"] != fp["fid"]:
                 gap = (ref["fid"] - cells[0]["fid"]) / (ref["fid"] - fp["fid"])
             c0 = cells[0] or {}
             seconds = next((c.get("calibration_seconds") for c in cells if c), None)
             rows.append(
-                f"| {model} | {key} | " + " | ".join(_f(c["fid"] if c else None, ".2f") for c in cells)
+                f"| {model} | {key} | "
+                + " | ".join(_f(c["fid"] if c else None, ".2f") for c in cells)
                 + f" | {_f(c0.get('psnr_to_fp'), '.1f')} | {_f(gap, '.0%')} | "
                 f"{_f(_aligned_mse(run, model, key), '.4f')} | {_f(seconds, '.0f')} |"
             )
@@ -118,7 +120,8 @@ def seed_summary(run: Path, reference: str, path: Path | None = None) -> list[st
             if base != reference and fp and ref is not None and fid is not None and ref != fp["fid"]:
                 gap = (ref - fid) / (ref - fp["fid"])
             rows.append(
-                f"| {model} | {base} | {len(cells)} | " + ", ".join(f"{c['fid']:.2f}" for c in cells)
+                f"| {model} | {base} | {len(cells)} | "
+                + ", ".join(f"{c['fid']:.2f}" for c in cells)
                 + f" | {_f(fid, '.2f')} | {_f(gap, '.0%')} | "
                 f"{_f(mean([c['fid_to_fp'] for c in cells if c.get('fid_to_fp') is not None]), '.2f')} | "
                 f"{_f(mean([c['psnr_to_fp'] for c in cells if c.get('psnr_to_fp') is not None]), '.1f')} |"
@@ -126,7 +129,51 @@ def seed_summary(run: Path, reference: str, path: Path | None = None) -> list[st
     return rows
 
 
+def steps_table(run: Path, reference: str, path: Path | None, draws: int) -> list[str]:
+    """One row per model, sampler and step count: every recipe's FID and each recipe's paired difference to the
+    reference recipe with its bootstrap 90% interval (same noise per image; see ``fid_bootstrap.py``)."""
+    from fid_bootstrap import interval, paired
+
+    config = _grid(run, path)
+    keys = [q.key for q in config.quant]
+    others = [k for k in keys if k != reference]
+    rows = [
+        "| model | sampler | steps | FID fp | "
+        + " | ".join(f"FID {k}" for k in keys)
+        + "".join(f" | {k} − {reference} (90% interval)" for k in others)
+        + " |",
+        "|" + "---|" * (4 + len(keys) + len(others)),
+    ]
+    for model in config.models:
+        for s in sorted(config.samplers, key=lambda s: (s.sampler, s.steps)):
+            cells = {k: _cell(run, model, s.key, k) for k in ["fp", *keys]}
+            if not any(cells.values()):
+                continue
+            diffs = []
+            if cells.get(reference) and any(cells[k] for k in others):
+                _, full, boot = paired(run, model, s.key, reference, draws)
+                for k in others:
+                    if cells[k] and k in boot:
+                        lo, hi = interval(boot, k, reference)
+                        diffs.append(f"{full[k] - full[reference]:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+                    else:
+                        diffs.append("–")
+            else:
+                diffs = ["–"] * len(others)
+            rows.append(
+                f"| {model} | {s.sampler} | {s.steps} | "
+                + " | ".join(_f(cells[k]["fid"] if cells[k] else None, ".2f") for k in ["fp", *keys])
+                + "".join(f" | {d}" for d in diffs)
+                + " |"
+            )
+    return rows
+
+
+FAMILY_NAMES = {"dpm++2m": "DPM-Solver++ 2M", "unipc": "UniPC", "ddim": "DDIM"}
+
+
 def plot(curves: dict, prefix: Path, num: int) -> list[Path]:
+    """One figure per model: a panel per sampler, FID against steps, a line per recipe."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,17 +181,18 @@ def plot(curves: dict, prefix: Path, num: int) -> list[Path]:
 
     written = []
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    for model, by_key in curves.items():
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key, points in by_key.items():
-            if points:
+    for model, by_family in curves.items():
+        families = list(by_family)
+        fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.5), squeeze=False, sharey=True)
+        for ax, family in zip(axes[0], families, strict=True):
+            for key, points in by_family[family].items():
                 steps, fids = zip(*sorted(points), strict=True)
                 ax.plot(steps, fids, marker="o", label=key)
-        ax.set_xlabel("DPM-Solver++ 2M steps")
-        ax.set_ylabel(f"FID (classifier features, N = {num})")
-        ax.set_title(model)
-        ax.set_xticks(sorted({s for pts in by_key.values() for s, _ in pts}))
-        ax.legend(fontsize=7)
+            ax.set_xlabel(f"{FAMILY_NAMES.get(family, family)} steps")
+            ax.set_xticks(sorted({n for pts in by_family[family].values() for n, _ in pts}))
+            ax.set_title(f"{model}, {FAMILY_NAMES.get(family, family)}")
+        axes[0][0].set_ylabel(f"FID (classifier features, N = {num})")
+        axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
         out = prefix.with_name(f"{prefix.name}-{Path(model).name}.png")
         fig.savefig(out, dpi=110)
@@ -160,12 +208,21 @@ def main() -> None:
     parser.add_argument("--reference", default="w4a8-qdiffusion-r200")
     parser.add_argument("--plot", type=Path, default=None, help="write PREFIX-<model>.png")
     parser.add_argument("--seeds", action="store_true", help="add the summary over calibration seeds")
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="add one row per sampler and step count with paired differences to the reference",
+    )
+    parser.add_argument("--draws", type=int, default=200, help="bootstrap draws for --steps")
     args = parser.parse_args()
     rows, curves = collect(args.run, args.reference, args.config)
     print("\n".join(rows))
     if args.seeds:
         print()
         print("\n".join(seed_summary(args.run, args.reference, args.config)))
+    if args.steps:
+        print()
+        print("\n".join(steps_table(args.run, args.reference, args.config, args.draws)))
     if args.plot is not None:
         for path in plot(curves, args.plot, _grid(args.run, args.config).num):
             print(f"wrote {path}")

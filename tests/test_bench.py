@@ -117,13 +117,55 @@ def test_per_setting_config_and_reconstruction_with_ptqd(tmp_path: Path) -> None
     assert list((with_ptqd / "noise").glob("ddim-3-eta1*.json")) and not (plain / "noise").exists()
     # correct_noise shares the mse model, adds its statistics and samples differently from the same noise
     assert sorted(p.name for p in (out / "models").iterdir() if p.is_dir()) == [
-        "model__w4a8-mse", "model__w4a8-q-it0", "model__w4a8-qp-it2"
+        "model__w4a8-mse",
+        "model__w4a8-q-it0",
+        "model__w4a8-qp-it2",
     ]
     assert list((out / "models" / "model__w4a8-mse" / "noise").glob("ddim-3-eta1*.json"))
     assert rows[3]["calibration_seconds"] == rows[4]["calibration_seconds"]
     assert rows[3]["psnr_to_fp"] != rows[4]["psnr_to_fp"]
     manifests = [json.loads((f / "quantization.json").read_text()) for f in (with_ptqd, plain)]
     assert [m["config"]["recon_iters"] for m in manifests] == [2, 0]
+
+
+def test_a_setting_may_sample_another_settings_model(tmp_path: Path) -> None:
+    """``model`` names the labelled setting whose calibration is reused: one folder, its settings taken over, and
+    PTQD's correction on top samples differently from the same noise."""
+    set_progress_enabled(False)
+    model = tiny_32(tmp_path / "model")
+    fast = {"recon_iters": 0, "recon_act_iters": 1, "recon_batch_size": 4}
+    quant = [
+        {"scheme": "w4a8", "method": "qdiffusion", "label": "q-it0", "config": fast},
+        {"scheme": "w4a8", "method": "qdiffusion", "label": "q-it0+ptqd", "model": "q-it0", "correct_noise": True},
+    ]
+    config = BenchConfig.load(write_config(tmp_path / "bench.json", model, quant, eta=0.0, num=8))
+    assert config.quant_config(config.quant[1]) == config.quant_config(config.quant[0])
+    out = tmp_path / "run"
+    rows = Bench(config, out).run()
+    assert sorted(p.name for p in (out / "models").iterdir() if p.is_dir()) == ["model__q-it0"]
+    assert list((out / "models" / "model__q-it0" / "noise").glob("ddim-3-eta0*.json"))
+    assert rows[1]["calibration_seconds"] == rows[2]["calibration_seconds"]
+    assert rows[1]["psnr_to_fp"] != rows[2]["psnr_to_fp"]
+
+
+def test_a_shared_model_must_be_a_labelled_setting_with_the_same_calibration(tmp_path: Path) -> None:
+    import pytest
+
+    from qdiffuse.errors import ConfigError
+
+    base = {"name": "b", "models": ["m"], "samplers": [{"sampler": "ddim", "steps": 3}]}
+    owner = {"scheme": "w4a8", "method": "qdiffusion", "label": "q", "config": {"recon_iters": 5}}
+    for sharer, match in (
+        ({"scheme": "w4a8", "method": "qdiffusion", "label": "s", "model": "nope"}, "not the label"),
+        ({"scheme": "w4a4", "method": "qdiffusion", "label": "s", "model": "q"}, "scheme, method or config"),
+        (
+            {"scheme": "w4a8", "method": "qdiffusion", "label": "s", "model": "q", "config": {"recon_iters": 6}},
+            "scheme, method or config",
+        ),
+    ):
+        (tmp_path / "b.json").write_text(json.dumps({**base, "quant": [owner, sharer]}))
+        with pytest.raises(ConfigError, match=match):
+            BenchConfig.load(tmp_path / "b.json")
 
 
 def test_per_setting_config_is_checked(tmp_path: Path) -> None:
@@ -151,8 +193,13 @@ def test_per_setting_config_is_checked(tmp_path: Path) -> None:
 def test_a_cell_may_set_its_own_calibration_seed(tmp_path: Path) -> None:
     """The grid's seed is every cell's calibration seed unless the cell's config names another (seed repeats of
     one recipe in one grid)."""
-    base = {"name": "b", "models": ["m"], "samplers": [{"sampler": "ddim", "steps": 3}], "seed": 5,
-            "calib": {"recon_iters": 7}}
+    base = {
+        "name": "b",
+        "models": ["m"],
+        "samplers": [{"sampler": "ddim", "steps": 3}],
+        "seed": 5,
+        "calib": {"recon_iters": 7},
+    }
     quant = [
         {"scheme": "w4a8", "method": "qdiffusion", "label": "grid-seed"},
         {"scheme": "w4a8", "method": "qdiffusion", "label": "own-seed", "config": {"seed": 1, "recon_iters": 3}},
@@ -254,8 +301,11 @@ def test_shipped_configs_name_valid_schemes_methods_and_samplers() -> None:
             for sampler, _steps in pipeline.samplers:
                 assert sampler is None or sampler in SAMPLERS, path
             for entry in pipeline.quant:
-                options = {k: v for k, v in (entry[2] if len(entry) > 2 else {}).items()
-                           if k not in ("label", "keep_8bit_extra")}
+                options = {
+                    k: v
+                    for k, v in (entry[2] if len(entry) > 2 else {}).items()
+                    if k not in ("label", "keep_8bit_extra")
+                }
                 QuantConfig.from_scheme(entry[0], method=entry[1], **{**pipeline.extra, **options})
             continue
         config = BenchConfig.load(path)

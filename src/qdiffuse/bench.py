@@ -20,7 +20,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,10 @@ class QuantSetting:
     """Apply PTQD's corrections at sampling time to a method that does not measure them itself (statistics are
     measured on demand and stored in the shared model folder): e.g. a ``qdiffusion`` model, without repeating its
     reconstruction, is the ``qdiffusion+ptqd`` model."""
+    model: str = ""
+    """The label of another setting of the grid whose quantized folder this one samples: its calibration settings
+    are taken over, so only sampling-time options (``correct_noise``, ``ptqd``) differ, e.g. ``mota+ptqd`` on the
+    ``mota`` calibration instead of a second one."""
 
     def __post_init__(self) -> None:
         if (self.config or self.snr_margin != 1.0) and not self.label:
@@ -127,7 +131,9 @@ class QuantSetting:
     @property
     def model_key(self) -> str:
         """Settings that differ only in sampling-time options (PTQD ablations) share one quantized model."""
-        return self.label if self.config or self.snr_margin != 1.0 else f"{self.scheme}-{self.method}"
+        if self.config or self.snr_margin != 1.0:
+            return self.model or self.label
+        return f"{self.scheme}-{self.method}"
 
     @property
     def corrects_noise(self) -> bool:
@@ -179,14 +185,36 @@ class BenchConfig:
                 f"bench config {self.name}: unknown 'calib' fields {unknown}; use QuantConfig fields such "
                 "as calib_steps"
             )
+        self.quant = [self._shared(quant) for quant in self.quant]
         for quant in self.quant:  # every cell's quantization settings, before the first cell runs
             self.quant_config(quant)
+
+    def _shared(self, quant: QuantSetting) -> QuantSetting:
+        """``quant`` with the calibration settings of the setting it names in ``model`` (checked to agree)."""
+        if not quant.model:
+            return quant
+        owner = next((q for q in self.quant if q.label == quant.model and not q.model), None)
+        if owner is None:
+            raise ConfigError(
+                f"bench config {self.name}: setting {quant.key} samples model '{quant.model}', which is not the "
+                "label of another setting without 'model'; name a labelled setting of this grid"
+            )
+        if (quant.scheme, quant.method) != (owner.scheme, owner.method) or (
+            (quant.config or quant.snr_margin != 1.0)
+            and (quant.config, quant.snr_margin) != (owner.config, owner.snr_margin)
+        ):
+            raise ConfigError(
+                f"bench config {self.name}: setting {quant.key} differs from '{owner.key}' in scheme, method or "
+                "config; a setting that reuses a model may change only sampling-time options (correct_noise, ptqd)"
+            )
+        return replace(quant, config=owner.config, snr_margin=owner.snr_margin)
 
     def quant_config(self, quant: QuantSetting) -> QuantConfig:
         """A cell's own settings override the grid's calibration settings, its seed among them, so repeats of
         one recipe under other calibration seeds are cells of one grid."""
-        return QuantConfig.from_scheme(quant.scheme, method=quant.method, **{"seed": self.seed, **self.calib,
-                                                                             **quant.config})
+        return QuantConfig.from_scheme(
+            quant.scheme, method=quant.method, **{"seed": self.seed, **self.calib, **quant.config}
+        )
 
     @classmethod
     def load(cls, path: Path) -> BenchConfig:
@@ -196,9 +224,7 @@ class BenchConfig:
                 raise TypeError("the file must hold a JSON object")
             unknown = sorted(set(data) - CONFIG_KEYS)
             if unknown:
-                raise ConfigError(
-                    f"bench config {path}: unknown keys {unknown}; use {', '.join(sorted(CONFIG_KEYS))}"
-                )
+                raise ConfigError(f"bench config {path}: unknown keys {unknown}; use {', '.join(sorted(CONFIG_KEYS))}")
             return cls(
                 name=data["name"],
                 models=list(data["models"]),
@@ -285,8 +311,15 @@ class Bench:
         start = time.perf_counter()
         with PeakMemory(self.device) as peak:
             quantize_folder(
-                model, folder, config, guidance=self.config.guidance, batch_size=self.config.batch_size,
-                device=self.device, overwrite=True, analysis=analysis, snr_margin=quant.snr_margin,
+                model,
+                folder,
+                config,
+                guidance=self.config.guidance,
+                batch_size=self.config.batch_size,
+                device=self.device,
+                overwrite=True,
+                analysis=analysis,
+                snr_margin=quant.snr_margin,
             )
         cost = {"seconds": time.perf_counter() - start, "peak_mib": peak.mib}
         with atomic_file(timing, overwrite=True) as tmp:
@@ -328,9 +361,7 @@ class Bench:
             options = PTQDOptions(**quant.ptqd) if ptqd else None
             if ptqd:
                 extra["analysis_seconds"] = self._ensure_exact_stats(Path(source), request)
-            hooks = sampling_hooks(
-                source, loaded, request, ptqd=ptqd, options=options, device=self.device
-            )
+            hooks = sampling_hooks(source, loaded, request, ptqd=ptqd, options=options, device=self.device)
             extra["size_bytes"] = folder_size(source)
             extra["calibration_seconds"] = calib_cost["seconds"]
             extra["calibration_peak_mib"] = calib_cost.get("peak_mib")
@@ -340,8 +371,11 @@ class Bench:
                 extra["bops_reduction"] = c["bops_reduction"]
         start = time.perf_counter()
         images, labels = sample(
-            loaded.denoiser, loaded.scheduler_config, request, description=f"{model} {setting.key} "
-            f"{quant.key if quant else 'fp'}", **hooks
+            loaded.denoiser,
+            loaded.scheduler_config,
+            request,
+            description=f"{model} {setting.key} {quant.key if quant else 'fp'}",
+            **hooks,
         )
         extra["sample_seconds"] = time.perf_counter() - start
         return to_uint8(images).numpy(), None if labels is None else labels.numpy(), extra

@@ -141,8 +141,9 @@ def steps_table(run: Path, reference: str, path: Path | None, draws: int) -> lis
         "| model | sampler | steps | FID fp | "
         + " | ".join(f"FID {k}" for k in keys)
         + "".join(f" | {k} − {reference} (90% interval)" for k in others)
+        + "".join(f" | PSNR to FP {k}" for k in keys)
         + " |",
-        "|" + "---|" * (4 + len(keys) + len(others)),
+        "|" + "---|" * (4 + 2 * len(keys) + len(others)),
     ]
     for model in config.models:
         for s in sorted(config.samplers, key=lambda s: (s.sampler, s.steps)):
@@ -164,6 +165,7 @@ def steps_table(run: Path, reference: str, path: Path | None, draws: int) -> lis
                 f"| {model} | {s.sampler} | {s.steps} | "
                 + " | ".join(_f(cells[k]["fid"] if cells[k] else None, ".2f") for k in ["fp", *keys])
                 + "".join(f" | {d}" for d in diffs)
+                + "".join(f" | {_f(cells[k].get('psnr_to_fp') if cells[k] else None, '.1f')}" for k in keys)
                 + " |"
             )
     return rows

@@ -6,10 +6,10 @@
 Rows and sampler settings come from the bench config (default: ``benchmarks/<run folder name>.json``); several
 configs may share one run folder (the ablation reuses the main grid's FP cells).
 
-One row per model and recipe: FID at every sampler setting of the grid, PSNR to FP at the first setting, the share
-of the FID gap between the reference recipe (``qdiffusion`` by default) and FP that each recipe closes there, the
-aligned error the quantized folder's manifest records (first-order ε to the FP solver's direction, MSE) and the
-calibration time.
+One row per model and recipe: FID at every sampler setting of the grid, FID, PSNR and SSIM to FP at the first
+setting, the share of the FID gap between the reference recipe (``qdiffusion`` by default) and FP that each recipe
+closes there, the aligned error the quantized folder's manifest records (first-order ε to the FP solver's
+direction, MSE) and the calibration time.
 
 ``--steps`` adds one row per sampler and step count with each recipe's paired FID difference to the reference
 recipe and its bootstrap interval. ``--seeds`` adds a summary over calibration seeds at the first sampler setting:
@@ -54,8 +54,12 @@ def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[s
     keys = [q.key for q in config.quant]
     samplers = [(s.key, f"{s.sampler} {s.steps}") for s in config.samplers]
     head = "| model | recipe | " + " | ".join(f"FID {name}" for _, name in samplers)
-    head += f" | PSNR to FP ({samplers[0][1]}) | gap closed ({samplers[0][1]}) | aligned MSE | calibration s |"
-    rows = [head, "|" + "---|" * (len(samplers) + 6)]
+    first_name = samplers[0][1]
+    head += (
+        f" | FID to FP ({first_name}) | PSNR to FP ({first_name}) | SSIM to FP ({first_name}) "
+        f"| gap closed ({first_name}) | aligned MSE | calibration s |"
+    )
+    rows = [head, "|" + "---|" * (len(samplers) + 8)]
     curves: dict = {}
     for model in config.models:
         first = samplers[0][0]
@@ -64,7 +68,7 @@ def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[s
         for key in ["fp", *keys]:
             cells = [_cell(run, model, s, key) for s, _ in samplers]
             if not any(cells):
-                rows.append(f"| {model} | {key} | not run |" + " |" * (len(samplers) + 4))
+                rows.append(f"| {model} | {key} | not run |" + " |" * (len(samplers) + 5))
                 continue
             for (_, name), c in zip(samplers, cells, strict=True):
                 if c:
@@ -80,7 +84,8 @@ def collect(run: Path, reference: str, path: Path | None = None) -> tuple[list[s
             rows.append(
                 f"| {model} | {key} | "
                 + " | ".join(_f(c["fid"] if c else None, ".2f") for c in cells)
-                + f" | {_f(c0.get('psnr_to_fp'), '.1f')} | {_f(gap, '.0%')} | "
+                + f" | {_f(c0.get('fid_to_fp'), '.2f')} | {_f(c0.get('psnr_to_fp'), '.1f')} "
+                f"| {_f(c0.get('ssim_to_fp'), '.3f')} | {_f(gap, '.0%')} | "
                 f"{_f(_aligned_mse(run, model, key), '.4f')} | {_f(seconds, '.0f')} |"
             )
     return rows, curves

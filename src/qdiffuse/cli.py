@@ -14,7 +14,9 @@ from typing import Annotated
 
 import typer
 
+from qdiffuse import interrupts
 from qdiffuse.errors import ConfigError, QDiffuseError
+from qdiffuse.interrupts import Terminated
 from qdiffuse.sampling.schedulers import SAMPLER_HELP
 
 app = typer.Typer(
@@ -1024,10 +1026,12 @@ def main() -> None:
     keep_freed_memory()
     _show_warnings_on_one_line()
     signal.signal(signal.SIGTERM, _raise_terminated)
+    interrupts.install()
     _import_runtime()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=sys.argv[1:], prog_name="qdiffuse", standalone_mode=False)
+        interrupts.raise_pending()
     except QDiffuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -1089,10 +1093,6 @@ def _import_runtime() -> None:
         import torch  # noqa: F401
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is so that every atomic output cleans up on the way out."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

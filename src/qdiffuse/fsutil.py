@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qdiffuse.errors import OutputError
+from qdiffuse.interrupts import raise_pending
 
 MARKER = ".qdiffuse-output"
 """File inside every output folder this package writes: the folder's :attr:`OutputKind.name`."""
@@ -171,6 +172,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _replace(tmp: Path, path: Path) -> None:
     """Put ``tmp`` at ``path``. A file replaces a file atomically; a folder is swapped with the old one in one
     step where the OS can, so even a SIGKILL leaves either the old output or the new one at ``path``."""
+    raise_pending()
     with _signals_deferred():
         if not path.is_dir() or path.is_symlink():
             os.replace(tmp, path)

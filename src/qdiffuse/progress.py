@@ -22,6 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from qdiffuse.interrupts import raise_pending
+
 _console = Console(stderr=True)
 _enabled = True
 LOG_INTERVAL = 30.0
@@ -39,6 +41,7 @@ class _Bar:
         self._task = task
 
     def advance(self, n: int = 1, **fields: object) -> None:
+        raise_pending()
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=n, **fields)
 
@@ -53,6 +56,7 @@ class _LogLines(_Bar):
         self.start = self.last = time.monotonic()
 
     def advance(self, n: int = 1, **fields: object) -> None:
+        raise_pending()
         self.done += n
         now = time.monotonic()
         if now - self.last >= self.interval and self.done < self.total:

@@ -134,21 +134,30 @@ def seed_summary(run: Path, reference: str, path: Path | None = None) -> list[st
     return rows
 
 
-def steps_table(run: Path, reference: str, path: Path | None, draws: int) -> list[str]:
-    """One row per model, sampler and step count: every recipe's FID and each recipe's paired difference to the
-    reference recipe with its bootstrap 90% interval (same noise per image; see ``fid_bootstrap.py``)."""
+def steps_table(
+    run: Path, reference: str, path: Path | None, draws: int, compare: list[str] | None = None
+) -> list[str]:
+    """Two tables with one row per model, sampler and step count: every recipe's FID, with the paired FID
+    difference of each ``compare`` recipe (default: all) to the reference and its bootstrap 90% interval (same
+    noise per image; see ``fid_bootstrap.py``); then every recipe's PSNR to the FP samples."""
     from fid_bootstrap import interval, paired
 
     config = _grid(run, path)
     keys = [q.key for q in config.quant]
-    others = [k for k in keys if k != reference]
-    rows = [
+    others = [k for k in (compare or keys) if k != reference]
+    unknown = sorted(set(others) - set(keys))
+    if unknown:
+        raise SystemExit(f"--compare names {unknown}, not recipes of {config.name}: choose from {keys}")
+    fid_rows = [
         "| model | sampler | steps | FID fp | "
-        + " | ".join(f"FID {k}" for k in keys)
+        + " | ".join(keys)
         + "".join(f" | {k} − {reference} (90% interval)" for k in others)
-        + "".join(f" | PSNR to FP {k}" for k in keys)
         + " |",
-        "|" + "---|" * (4 + 2 * len(keys) + len(others)),
+        "|" + "---|" * (4 + len(keys) + len(others)),
+    ]
+    psnr_rows = [
+        "| model | sampler | steps | PSNR to FP: " + " | ".join(keys) + " |",
+        "|" + "---|" * (3 + len(keys)),
     ]
     for model in config.models:
         for s in sorted(config.samplers, key=lambda s: (s.sampler, s.steps)):
@@ -166,14 +175,17 @@ def steps_table(run: Path, reference: str, path: Path | None, draws: int) -> lis
                         diffs.append("–")
             else:
                 diffs = ["–"] * len(others)
-            rows.append(
-                f"| {model} | {s.sampler} | {s.steps} | "
+            head = f"| {model} | {s.sampler} | {s.steps} | "
+            fid_rows.append(
+                head
                 + " | ".join(_f(cells[k]["fid"] if cells[k] else None, ".2f") for k in ["fp", *keys])
                 + "".join(f" | {d}" for d in diffs)
-                + "".join(f" | {_f(cells[k].get('psnr_to_fp') if cells[k] else None, '.1f')}" for k in keys)
                 + " |"
             )
-    return rows
+            psnr_rows.append(
+                head + " | ".join(_f(cells[k].get("psnr_to_fp") if cells[k] else None, ".1f") for k in keys) + " |"
+            )
+    return [*fid_rows, "", *psnr_rows]
 
 
 FAMILY_NAMES = {"dpm++2m": "DPM-Solver++ 2M", "unipc": "UniPC", "ddim": "DDIM"}
@@ -221,6 +233,9 @@ def main() -> None:
         help="add one row per sampler and step count with paired differences to the reference",
     )
     parser.add_argument("--draws", type=int, default=200, help="bootstrap draws for --steps")
+    parser.add_argument(
+        "--compare", nargs="+", default=None, help="recipes whose paired difference --steps gives (default: all)"
+    )
     args = parser.parse_args()
     rows, curves = collect(args.run, args.reference, args.config)
     print("\n".join(rows))
@@ -229,7 +244,7 @@ def main() -> None:
         print("\n".join(seed_summary(args.run, args.reference, args.config)))
     if args.steps:
         print()
-        print("\n".join(steps_table(args.run, args.reference, args.config, args.draws)))
+        print("\n".join(steps_table(args.run, args.reference, args.config, args.draws, args.compare)))
     if args.plot is not None:
         for path in plot(curves, args.plot, _grid(args.run, args.config).num):
             print(f"wrote {path}")

@@ -1077,6 +1077,9 @@ def entry() -> None:
     except KeyboardInterrupt:  # after main had handled everything: its outputs are complete or absent
         print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
         code = 130
+    if code == 0 and interrupts.pending():  # swallowed while main unwound: outputs are complete, still say so
+        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        code = 130
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.stdout.flush()
     sys.stderr.flush()

@@ -43,6 +43,11 @@ def install() -> None:
     _installed = True
 
 
+def pending() -> bool:
+    """Whether an interrupt was swallowed and not raised again yet."""
+    return _pending is not None
+
+
 def raise_pending() -> None:
     """Raise an interrupt that arrived where it could not be raised; nothing when there is none."""
     global _pending

@@ -197,22 +197,30 @@ def plot(curves: dict, prefix: Path, num: int) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     written = []
     prefix.parent.mkdir(parents=True, exist_ok=True)
     for model, by_family in curves.items():
         families = list(by_family)
+        keys = list(dict.fromkeys(k for family in families for k in by_family[family]))
+        colors = {k: f"C{i}" for i, k in enumerate(k for k in keys if k != "fp")}
         fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.5), squeeze=False, sharey=True)
         for ax, family in zip(axes[0], families, strict=True):
             for key, points in by_family[family].items():
                 steps, fids = zip(*sorted(points), strict=True)
-                ax.plot(steps, fids, marker="o", label=key)
+                style = {"color": "black", "linestyle": "--"} if key == "fp" else {"color": colors[key]}
+                ax.plot(steps, fids, marker="o", label=key, **style)
+            ax.set_yscale("log")  # minmax sits several times above the rest; a log axis keeps the others apart
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
             ax.set_xlabel(f"{FAMILY_NAMES.get(family, family)} steps")
             ax.set_xticks(sorted({n for pts in by_family[family].values() for n, _ in pts}))
             ax.set_title(f"{model}, {FAMILY_NAMES.get(family, family)}")
         axes[0][0].set_ylabel(f"FID (classifier features, N = {num})")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+        fig.legend([handles[k] for k in keys], keys, fontsize=7, loc="center right")
+        fig.tight_layout(rect=(0, 0, 0.82, 1))
         out = prefix.with_name(f"{prefix.name}-{Path(model).name}.png")
         fig.savefig(out, dpi=110)
         plt.close(fig)

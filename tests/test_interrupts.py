@@ -62,16 +62,23 @@ def test_a_progress_tick_raises_a_swallowed_interrupt(hook_installed) -> None:
             bar.advance()
 
 
-def test_a_command_that_swallowed_ctrl_c_exits_130_with_one_error_line(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("signal_exception", "code", "word"),
+    [("KeyboardInterrupt", 130, "interrupted"), ("qdiffuse.interrupts.Terminated", 143, "terminated")],
+)
+def test_a_command_that_swallowed_an_interrupt_exits_with_its_code_and_one_error_line(
+    signal_exception: str, code: int, word: str
+) -> None:
     script = textwrap.dedent(
-        """
+        f"""
         import sys
         import typer
         import qdiffuse.cli as cli
+        import qdiffuse.interrupts
 
         class Swallowed:
             def __del__(self):
-                raise KeyboardInterrupt
+                raise {signal_exception}
 
         build = typer.main.get_command
 
@@ -92,7 +99,7 @@ def test_a_command_that_swallowed_ctrl_c_exits_130_with_one_error_line(tmp_path)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 130, result.stderr
+    assert result.returncode == code, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "interrupted" in errors[0], result.stderr
+    assert len(errors) == 1 and word in errors[0], result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr

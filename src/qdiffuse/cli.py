@@ -1019,6 +1019,10 @@ def _show_warnings_on_one_line() -> None:
     warnings.showwarning = show
 
 
+INTERRUPTED = "error: interrupted (Ctrl-C); no partial output was left"
+TERMINATED = "error: terminated (SIGTERM); no partial output was left"
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one-line messages and exit code 2."""
     from qdiffuse.allocator import keep_freed_memory
@@ -1036,10 +1040,10 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Terminated:
-        print("error: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        print(TERMINATED, file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         if _is_a(exc, "NoArgsIsHelpError"):
@@ -1050,13 +1054,13 @@ def main() -> None:
             print(f"error: {message} (see qdiffuse --help)", file=sys.stderr)
             sys.exit(2)
         if _is_a(exc, "Abort"):
-            print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
             sys.exit(130)
         raise
     # typer turns Ctrl-C into a returned exit code (130) once the command has unwound (outputs cleaned up)
     if isinstance(code, int) and code:
         if code == 130:
-            print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
         sys.exit(code)
 
 
@@ -1075,11 +1079,13 @@ def entry() -> None:
         if not isinstance(exc.code, int) and exc.code is not None:
             print(exc.code, file=sys.stderr)
     except KeyboardInterrupt:  # after main had handled everything: its outputs are complete or absent
-        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         code = 130
-    if code == 0 and interrupts.pending():  # swallowed while main unwound: outputs are complete, still say so
-        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
-        code = 130
+    late = interrupts.pending()
+    if code == 0 and late is not None:  # swallowed while main unwound: outputs are complete, still say so
+        terminated = isinstance(late, Terminated)
+        print(TERMINATED if terminated else INTERRUPTED, file=sys.stderr)
+        code = 143 if terminated else 130
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.stdout.flush()
     sys.stderr.flush()

@@ -43,9 +43,9 @@ def install() -> None:
     _installed = True
 
 
-def pending() -> bool:
-    """Whether an interrupt was swallowed and not raised again yet."""
-    return _pending is not None
+def pending() -> BaseException | None:
+    """The interrupt that was swallowed and not raised again yet, if any."""
+    return _pending
 
 
 def raise_pending() -> None:

@@ -217,7 +217,7 @@ def test_bare_pipeline_denoisers_are_refused_outside_their_pipeline(tmp_path: Pa
 @pytest.mark.parametrize("name", ["sdxl", "flux"])
 def test_text_encoders_quantized_in_memory(name: str, tmp_path: Path) -> None:
     """Every text encoder (two CLIPs; CLIP + T5) on real kernels, calibrated by the pipeline's own call; saving such
-    a pipeline is refused with one line."""
+    a pipeline writes them quantized (tests/test_text_encoder_store.py loads them back)."""
     from qdiffuse.kernels import runtime_report
     from qdiffuse.pipelines.text_encoders import quantize_text_encoders
 
@@ -233,6 +233,7 @@ def test_text_encoders_quantized_in_memory(name: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_text_encoders(pipe, "w8a8", FAMILY_PROMPTS, **settings)
     qdiffuse.quantize(pipe, QuantConfig.from_scheme("w8a8", calib_steps=2), prompts=FAMILY_PROMPTS, **CALLS[name])
-    with pytest.raises(ModelLoadError, match="saving quantized text encoders is not built yet"):
-        qdiffuse.save(pipe, tmp_path / "q")
-    assert not (tmp_path / "q").exists()
+    folder = qdiffuse.save(pipe, tmp_path / "q")
+    marker = json.loads((folder / "qdiffuse_pipeline.json").read_text())
+    assert marker["text_encoders"] == {"text_encoder": "w8a8", "text_encoder_2": "w8a8"}
+    assert all((folder / name / "quantization.json").is_file() for name in counts)

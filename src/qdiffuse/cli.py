@@ -595,11 +595,17 @@ def info(
         marker = json.loads((Path(folder) / PIPELINE_FILE).read_text())
         component = str(marker.get("denoiser"))
         index = json.loads((Path(folder) / "model_index.json").read_text())
+        from qdiffuse.pipelines.text_store import quantized_encoder_names, text_encoder_lines
+
+        quantized = [component, *quantized_encoder_names(folder, marker)]
         others = sorted(
             k for k, v in index.items()
-            if not k.startswith("_") and k != component and isinstance(v, list) and v[0] is not None
+            if not k.startswith("_") and k not in quantized and isinstance(v, list) and v[0] is not None
         )
-        typer.echo(f"pipeline:   {marker.get('pipeline')}; quantized: {component}; FP, untouched: {', '.join(others)}")
+        typer.echo(f"pipeline:   {marker.get('pipeline')}; quantized: {', '.join(quantized)}; FP, untouched: "
+                   f"{', '.join(others)}")
+        for line in text_encoder_lines(folder, marker):
+            typer.echo(f"text enc.:  {line.replace('`', '')}")
         folder = Path(folder) / component
     if not is_quantized_folder(folder):
         raise ConfigError(f"{folder} is not a quantized model folder (no quantization.json); run qdiffuse quantize")

@@ -3,7 +3,9 @@
 The denoiser's subfolder holds a qdiffuse quantized folder (packed codes, manifest, integrity hashes, PTQD noise
 statistics under ``noise/``) instead of diffusers weights; ``qdiffuse_pipeline.json`` names it, the FP pipeline
 it came from and the statistics :func:`load_pipeline` installs as a :class:`~qdiffuse.pipelines.ptqd.
-PTQDScheduler`. Everything else is written and read by diffusers itself.
+PTQDScheduler`. Quantized text encoders are qdiffuse folders in their own subfolders too
+(:mod:`qdiffuse.pipelines.text_store`), listed with their schemes under ``text_encoders`` in the marker.
+Everything else is written and read by diffusers itself.
 """
 
 from __future__ import annotations
@@ -32,35 +34,35 @@ def save_pipeline(pipe: Any, path: str | Path, overwrite: bool = False, source: 
     from qdiffuse.noise.store import stats_json, stats_relpath
     from qdiffuse.pipelines.ptqd import PTQDScheduler
     from qdiffuse.pipelines.text_encoders import quantized_text_encoders
+    from qdiffuse.pipelines.text_store import save_text_encoders
 
     component = denoiser_component(pipe)
     model = getattr(pipe, component)
     if quant_state(model) is None:
         raise ModelLoadError("this pipeline's denoiser is not quantized; run qdiffuse.quantize(pipe, config) first")
-    if quantized_text_encoders(pipe):
-        raise ModelLoadError(
-            "saving quantized text encoders is not built yet; save the pipeline with FP text encoders and quantize "
-            "them after loading (qdiffuse.pipelines.text_encoders.quantize_text_encoders)"
-        )
+    encoders = {name: getattr(pipe, name) for name in quantized_text_encoders(pipe)}
     scheduler = pipe.scheduler
     stats = scheduler.stats if isinstance(scheduler, PTQDScheduler) else None
     path = Path(path)
-    external = dict(getattr(pipe, "qdiffuse_external", {}))
+    # a quantized encoder taken from a package is written out like the others: the package holds only FP weights
+    external = {k: v for k, v in getattr(pipe, "qdiffuse_external", {}).items() if k not in encoders}
     kept = {name: getattr(pipe, name) for name in external}
     with atomic_dir(path, overwrite, QUANTIZED_FOLDER) as tmp:
-        pipe.register_modules(**{component: None}, **{name: None for name in external})
+        pipe.register_modules(**{component: None}, **{name: None for name in [*external, *encoders]})
         if stats is not None:
             pipe.register_modules(scheduler=scheduler.scheduler)
         try:
             pipe.save_pretrained(tmp)
         finally:
-            pipe.register_modules(**{component: model}, **kept)
+            pipe.register_modules(**{component: model}, **kept, **encoders)
             if stats is not None:
                 pipe.register_modules(scheduler=scheduler)
         index = json.loads((tmp / "model_index.json").read_text())
         index[component] = ["diffusers", type(model).__name__]
         for name, value in kept.items():  # named in the index, supplied by their package when loading
             index[name] = [type(value).__module__.split(".")[0], type(value).__name__]
+        for name, value in encoders.items():  # named in the index, rebuilt by load_pipeline
+            index[name] = ["transformers", type(value).__name__]
         if external:
             (tmp / EXTERNAL_FILE).write_text(json.dumps(external, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -73,6 +75,8 @@ def save_pipeline(pipe: Any, path: str | Path, overwrite: bool = False, source: 
             extra[stats_relpath(stats)] = stats_json(stats)
         save_quantized(loaded, tmp / component, extra_files=extra)
         marker = {"denoiser": component, "pipeline": type(pipe).__name__, "source": source}
+        if encoders:
+            marker["text_encoders"] = save_text_encoders(pipe, tmp)
         if stats is not None:
             marker["ptqd"] = stats_relpath(stats)
         (tmp / PIPELINE_FILE).write_text(json.dumps(marker, indent=2))
@@ -87,20 +91,23 @@ def model_card(folder: Path, marker: dict[str, Any]) -> str:
     """What the folder holds, for a reader who opens it: which component is quantized and how, which are FP,
     what calibrated it and how to load it."""
     from qdiffuse.io import describe_folder
+    from qdiffuse.pipelines.text_store import quantized_encoder_names, text_encoder_lines
 
     component = marker["denoiser"]
     desc = describe_folder(folder / component)
     index = json.loads((folder / "model_index.json").read_text())
+    encoders = quantized_encoder_names(folder, marker)
     others = sorted(
         k for k, v in index.items()
-        if not k.startswith("_") and k != component and isinstance(v, list) and v[0] is not None
+        if not k.startswith("_") and k not in (component, *encoders) and isinstance(v, list) and v[0] is not None
     )
     info = desc["calibration"].get("pipeline", {})
     lines = [
-        f"# {marker['pipeline']}, {component} quantized by qdiffuse",
+        f"# {marker['pipeline']}, {' and '.join([component, *encoders])} quantized by qdiffuse",
         "",
         f"- Quantized: `{component}` ({index[component][1]}), scheme {desc['scheme']}, method {desc['method']}.",
         *(f"  - {line}" for line in desc["formats"]),
+        *(f"- Quantized text encoder: {line}." for line in text_encoder_lines(folder, marker)),
         f"- Kept in full precision and untouched: {', '.join(f'`{o}`' for o in others)}.",
         f"- Size of `{component}/` on disk: {desc['bytes_on_disk'] / 2**20:.2f} MiB "
         f"(FP32 {desc['fp32_bytes'] / 2**20:.2f} MiB).",
@@ -117,8 +124,8 @@ def model_card(folder: Path, marker: dict[str, Any]) -> str:
     lines += [
         "",
         "Load it with `pipe = qdiffuse.load_pipeline(path)` (diffusers' `from_pretrained` does not read the "
-        f"quantized `{component}/`), or sample with `qdiffuse sample PATH --prompts FILE`; `qdiffuse info PATH` "
-        "lists every layer's format and kernel.",
+        f"quantized {', '.join(f'`{c}/`' for c in [component, *encoders])}), or sample with "
+        "`qdiffuse sample PATH --prompts FILE`; `qdiffuse info PATH` lists every layer's format and kernel.",
         "",
     ]
     return "\n".join(lines)
@@ -154,19 +161,29 @@ def record_ptqd(path: str | Path, relpath: str) -> None:
 
 
 def load_pipeline(
-    path: str | Path, device: str = "cpu", runtime: str = "real", verify: bool = True, ptqd: bool = True
+    path: str | Path,
+    device: str = "cpu",
+    runtime: str = "real",
+    verify: bool = True,
+    ptqd: bool = True,
+    dtype: Any = None,
 ) -> Any:
-    """A quantized pipeline folder back as the diffusers pipeline it was, its denoiser on ``runtime`` and, when
-    the folder holds PTQD statistics (and ``ptqd``), its scheduler wrapped in ``PTQDScheduler``."""
+    """A quantized pipeline folder back as the diffusers pipeline it was, its denoiser (and quantized text
+    encoders) on ``runtime`` and, when the folder holds PTQD statistics (and ``ptqd``), its scheduler wrapped in
+    ``PTQDScheduler``. Every component computes in ``dtype`` (fp32/bf16/fp16; None or ``auto``: the dtype the
+    denoiser's folder records), so the VAE and text encoders agree with the denoiser."""
     from qdiffuse.io import load_quantized
     from qdiffuse.noise.stats import NoiseStats
     from qdiffuse.pipelines.ptqd import PTQDScheduler
+    from qdiffuse.pipelines.text_store import load_text_encoders
 
     path = Path(path)
     marker = read_marker(path)
     component = marker["denoiser"]
-    model = load_quantized(path / component, device, runtime, verify=verify).denoiser.model
-    pipe = load_pipeline_folder(path, **{component: model})
+    denoiser = load_quantized(path / component, device, runtime, verify=verify, dtype=dtype).denoiser
+    model = denoiser.model
+    encoders = load_text_encoders(path, marker, device, runtime, verify)
+    pipe = load_pipeline_folder(path, denoiser.dtype, **{component: model}, **encoders)
     stats_file = marker.get("ptqd")
     if ptqd and stats_file:
         full = (path / component / stats_file).resolve()

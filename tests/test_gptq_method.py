@@ -135,3 +135,32 @@ def test_split_hessians_see_the_treated_split_inputs(kind: str, monkeypatch: pyt
         assert acc.hessian.shape == expected.shape == (acc.columns, acc.columns)
         assert acc.columns == channels * (9 if kind == "conv" else 1)
         assert torch.allclose(acc.hessian, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hessians_over_budget_take_one_pass_per_group(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for one layer's Hessian at a time, GPTQ passes once per layer (rounding each before the next
+    pass): the weights still lie on their grids and the error stays below round-to-nearest's."""
+    run = _end_to_end(tmp_path_factory)
+    folder = tiny_folder("unet", tmp_path_factory)
+    fp = load_model_folder(folder)
+    calib, test = _collect(fp, 0), run["test"]
+    passes = []
+    original = CalibrationSet.run_through
+    monkeypatch.setattr(CalibrationSet, "run_through", lambda self, *a: (passes.append(1), original(self, *a))[1])
+    monkeypatch.setattr(ptq, "HESSIAN_BUDGET", 1)
+    loaded = load_model_folder(folder)
+    denoiser = loaded.denoiser
+    config = QuantConfig.from_scheme("w4a16", method="gptq")
+    from qdiffuse.nn.rewrite import quantize_model
+
+    quantize_model(denoiser.model, config)
+    ptq.calibrate_weights_gptq(denoiser, calib, budget=1)
+    layers = list(quant_layers(denoiser.model))
+    assert len(passes) == sum(1 for _, layer in layers if any(ptq._accumulators(layer))) > 1
+    for name, layer in layers:
+        for q, part in zip(layer.weight_quantizers, layer.weight_parts(layer.weight.detach()), strict=True):
+            assert torch.equal(q(part), part), name
+    err = float((_eps(loaded, test) - _eps(fp, test)).pow(2).mean())
+    assert err < run["err_mse"], (err, run["err_mse"])

@@ -41,13 +41,14 @@ def save(pipe: Any, path: Any, overwrite: bool = False, source: Any = None) -> A
 
 
 def load_pipeline(
-    path: Any, device: str = "cpu", runtime: str = "real", verify: bool = True, ptqd: bool = True
+    path: Any, device: str = "cpu", runtime: str = "real", verify: bool = True, ptqd: bool = True, dtype: Any = None
 ) -> Any:
     """A saved quantized pipeline as its diffusers pipeline class, ready for ``pipe(prompt, ...)``; its scheduler
-    is a :class:`PTQDScheduler` when the folder holds noise statistics (and ``ptqd``)."""
+    is a :class:`PTQDScheduler` when the folder holds noise statistics (and ``ptqd``). ``dtype`` (``"bf16"``,
+    ``torch.float16``...; None: the one the folder records) is what every component computes in."""
     from qdiffuse.pipelines.store import load_pipeline as load
 
-    return load(path, device, runtime, verify, ptqd)
+    return load(path, device, runtime, verify, ptqd, dtype)
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,13 @@ app = typer.Typer(
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="Compute dtype: auto (a folder's own: the dtype its weights are stored in, or the one a quantized "
+        "folder records), fp32, bf16 or fp16."
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 NoVerify = Annotated[
     bool,
@@ -245,11 +252,15 @@ def quantize(
     seed: int = 0,
     batch_size: int = 64,
     device: Device = "auto",
+    dtype: Dtype = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Quantize a model with time-step-aware calibration and save it as a folder."""
     _setup(quiet)
+    from qdiffuse.models.dtypes import parse_dtype
+
+    parse_dtype(dtype)
     from qdiffuse.config import DEFAULT_FP_INPUT, DEFAULT_KEEP_8BIT, QuantConfig
     from qdiffuse.fsutil import QUANTIZED_FOLDER, check_output_path
     from qdiffuse.pipeline import quantize_folder
@@ -314,7 +325,7 @@ def quantize(
 
         quantize_pipeline_folder(
             model, out, config, prompts, guidance=guidance, steps=calib_inference_steps, sampler=calib_sampler,
-            overwrite=overwrite, device=resolve_device(device),
+            overwrite=overwrite, device=resolve_device(device), dtype=dtype,
         )
         return
     label_list = parse_labels(labels)
@@ -340,6 +351,7 @@ def quantize(
         overwrite=overwrite,
         analysis=analysis,
         snr_margin=snr_margin,
+        dtype=dtype,
     )
     from qdiffuse.api import quant_state
     from qdiffuse.outliers.commands import decision_lines
@@ -392,12 +404,16 @@ def sample(
     batch_size: int = 64,
     runtime: Runtime = "real",
     device: Device = "auto",
+    dtype: Dtype = "auto",
     overwrite: Overwrite = False,
     no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
     """Sample images; the same seed gives the same noise for FP and quantized models."""
     _setup(quiet)
+    from qdiffuse.models.dtypes import parse_dtype
+
+    parse_dtype(dtype)
     from qdiffuse.api import quant_state
     from qdiffuse.fsutil import PNG, SAMPLES, check_output_path
     from qdiffuse.imageio import save_grid, save_samples
@@ -416,7 +432,7 @@ def sample(
             model, out, prompt=prompt, prompts=prompts, num=num, steps=steps, sampler=sampler,
             guidance=default_guidance(model) if guidance is None else guidance, seed=seed, batch_size=batch_size,
             grid=grid,
-            overwrite=overwrite, device=resolve_device(device), runtime=runtime, verify=not no_verify,
+            overwrite=overwrite, device=resolve_device(device), runtime=runtime, verify=not no_verify, dtype=dtype,
         )
         return
     if prompt is not None or prompts is not None:
@@ -444,7 +460,7 @@ def sample(
             check_output_path(grid, overwrite, PNG, inputs)
 
     def load(device: str):  # noqa: ANN202 - (loaded model, batch sampler)
-        loaded = load_any(model, device, runtime, verify=not no_verify)
+        loaded = load_any(model, device, runtime, verify=not no_verify, dtype=dtype)
         cond = load_condition(condition)
         options = PTQDOptions(correct_k=not no_k, correct_bias=not no_bias, calibrate_variance=not no_variance)
         hooks = sampling_hooks(

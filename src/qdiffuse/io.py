@@ -53,12 +53,14 @@ from qdiffuse.fsutil import QUANTIZED_FOLDER, atomic_dir, folder_size
 from qdiffuse.integrity import verify_folder, write_integrity
 from qdiffuse.kernels.freeze import RuntimeReport
 from qdiffuse.kernels.modules import RealLayer, split_weight_shapes
-from qdiffuse.models.denoiser import Denoiser
+from qdiffuse.models.denoiser import Denoiser, model_dtype
+from qdiffuse.models.dtypes import DTYPES, check_dtype_supported, dtype_name, parse_dtype
 from qdiffuse.models.loading import META_FILE, LoadedModel, build_model, read_json
 from qdiffuse.models.twins import TWIN_META_KEY, TwinSpec, apply_twin
 from qdiffuse.nn.layers import QuantLayer
-from qdiffuse.nn.quantizer import ActivationQuantizer
+from qdiffuse.nn.quantizer import ActivationQuantizer, WeightQuantizer
 from qdiffuse.nn.rewrite import quant_layers, quantize_model, set_submodule
+from qdiffuse.outliers.treatment import InputTreatment
 
 # QUANT_JSON, QUANT_WEIGHTS, CODES and REQUANTIZE come from qdiffuse.claims, whose messages name them too
 COST_FILE = "cost.json"
@@ -123,6 +125,7 @@ def save_quantized(
         "qdiffuse_version": __version__,
         "model_subfolder": loaded.subfolder,
         "source": loaded.source,
+        "dtype": dtype_name(model_dtype(model)),
         "config": state.config.to_dict(),
         "plan": [vars(p) for p in state.plan],
         "layers": layers_meta,
@@ -149,7 +152,11 @@ def save_quantized(
 
 
 def load_quantized(
-    folder: str | Path, device: str = "cpu", runtime: str = "real", verify: bool = True
+    folder: str | Path,
+    device: str = "cpu",
+    runtime: str = "real",
+    verify: bool = True,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Rebuild a quantized model from its folder; its outputs equal those of the model that was saved.
 
@@ -162,15 +169,19 @@ def load_quantized(
     (the command line's ``--no-verify``) loads a folder whose files changed since it was saved, e.g. after a
     deliberate edit. The manifest's claims are checked against the config and the stored tensors either way.
     Every problem with the folder is a :class:`ModelLoadError` with a one-line message.
+
+    ``dtype`` (fp32, bf16, fp16; None or ``auto``: the compute dtype the folder records, float32 for folders that
+    record none) is what the model computes in: its float parameters, and what its quantized layers return.
     """
     from qdiffuse.kernels import check_runtime
 
     check_runtime(runtime)
+    wanted = parse_dtype(dtype)
     folder = Path(folder)
     covered = verify_folder(folder, required=(QUANT_JSON, QUANT_WEIGHTS, SCHEDULER_CONFIG)) if verify else None
     reading = [folder / QUANT_JSON]  # the file being turned into the model, for the errors below
     try:
-        return _load_quantized(folder, device, runtime, covered, reading)
+        return _load_quantized(folder, device, runtime, covered, reading, wanted)
     except ModelLoadError as exc:
         if "\n" in str(exc):
             raise ModelLoadError(one_line(exc)) from None
@@ -189,7 +200,8 @@ def load_quantized(
 
 
 def _load_quantized(
-    folder: Path, device: str, runtime: str, covered: set[str] | None, reading: list[Path]
+    folder: Path, device: str, runtime: str, covered: set[str] | None, reading: list[Path],
+    dtype: torch.dtype | None,
 ) -> LoadedModel:
     from qdiffuse.kernels import RuntimeReport
     from qdiffuse.kernels.base import pin_static_params
@@ -204,6 +216,12 @@ def _load_quantized(
         )
     sub, config, layers_meta, plan, calibration = parse_manifest(manifest, folder / QUANT_JSON)
     check_scheme(config, folder / QUANT_JSON)
+    if dtype is None:
+        recorded = manifest.get("dtype", "fp32")
+        if recorded not in DTYPES:
+            raise ModelLoadError(f"{folder / QUANT_JSON} records dtype {short_repr(recorded)}: {REQUANTIZE}")
+        dtype = DTYPES[recorded]
+    check_dtype_supported(dtype, device)
     if covered is not None:  # files read below must be covered too, or deleting their entries would skip them
         from qdiffuse.integrity import INTEGRITY_FILE, NO_VERIFY_HINT
 
@@ -221,7 +239,8 @@ def _load_quantized(
     quantize_model(model, config)
     reading[0] = folder / QUANT_WEIGHTS
     report = RuntimeReport(runtime)
-    _load_tensors(model, tensors, layers_meta, folder, report, torch.device(device))
+    _load_tensors(model, tensors, layers_meta, folder, report, torch.device(device), dtype)
+    cast_compute_dtype(model, dtype)
     if runtime == "real":
         report.attention = realize_attention(model, torch.device(device))
         pin_static_params(model)
@@ -259,6 +278,7 @@ def _load_tensors(
     folder: Path,
     report: RuntimeReport,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> None:
     from qdiffuse.kernels import LayerRuntime, real_layer
 
@@ -293,11 +313,11 @@ def _load_tensors(
             q.decode(c, torch.Size(shape))
             for q, c, shape in zip(layer.weight_quantizers, codes, entry["shapes"], strict=True)
         ]
-        layer.weight = nn.Parameter(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        layer.weight = nn.Parameter((parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(dtype))
         layer.weight_hardened = bool(entry.get("weight_hardened", True))
         report.layers.append(LayerRuntime(name, ["simulated"], 0))
     rest = {k: v for k, v in tensors.items() if k not in used}
-    _assign_state(model, rest, folder, loaded=used)
+    _assign_state(model, rest, folder, loaded=used, dtype=dtype)
 
 
 def _quantizer_buffer(value: torch.Tensor, key: str, flags: bool) -> torch.Tensor:
@@ -309,7 +329,24 @@ def _quantizer_buffer(value: torch.Tensor, key: str, flags: bool) -> torch.Tenso
     return value if flags else value.float()
 
 
-def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, loaded: set[str]) -> None:
+QUANTIZER_MODULES = (WeightQuantizer, ActivationQuantizer, InputTreatment)
+"""Modules whose float buffers (scales, zero points, smoothing vectors, FP branches) stay float32 whatever the
+compute dtype: they are quantizer parameters, cast per call where a matmul needs them."""
+
+
+def cast_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Put every float parameter of ``model`` in ``dtype``. Buffers keep the dtype they were saved in (or, for
+    those the config builds, e.g. a DiT's position table, the one diffusers' own loading leaves them in), so the
+    loaded model computes exactly what the saved one did."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+
+
+def _assign_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, loaded: set[str], dtype: torch.dtype
+) -> None:
     """Load parameters and buffers, including quantizer buffers that are None until calibration sets them.
 
     Parameters are assigned, not copied, because the skeleton's parameters live on the meta device."""
@@ -328,13 +365,16 @@ def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
             out = split_weight_shapes(module)[0][0]
             if tuple(value.shape) != (out,) or not value.is_floating_point():
                 raise ModelLoadError(f"{key}: stored {tensor_layout(value)} is not the float bias of {out} outputs")
-            module.bias = nn.Parameter(value.float())  # a bias that bias correction gave a layer that had none
+            module.bias = nn.Parameter(value.to(dtype))  # a bias that bias correction gave a layer that had none
         elif isinstance(current, nn.Parameter):
             if current.shape != value.shape:
                 raise ModelLoadError(f"{key}: stored shape {tuple(value.shape)} != model {tuple(current.shape)}")
-            module._parameters[attr] = nn.Parameter(value.to(current.dtype), requires_grad=current.requires_grad)
+            target = dtype if value.is_floating_point() else current.dtype
+            module._parameters[attr] = nn.Parameter(value.to(target), requires_grad=current.requires_grad)
         elif attr in module._buffers:
-            module._buffers[attr] = value.float() if value.is_floating_point() else value
+            if value.is_floating_point() and isinstance(module, QUANTIZER_MODULES):
+                value = value.float()
+            module._buffers[attr] = value
         else:
             raise ModelLoadError(f"{folder / QUANT_WEIGHTS} has unknown tensor {key}")
     ranged = [n for n, m in model.named_modules() if isinstance(m, ActivationQuantizer) and not m.needs_calibration

@@ -21,12 +21,14 @@ from qdiffuse.sampling.loop import SampleRequest
 from qdiffuse.validate import check_number
 
 
-def load_any(model: str | Path, device: str = "cpu", runtime: str = "real", verify: bool = True) -> LoadedModel:
+def load_any(
+    model: str | Path, device: str = "cpu", runtime: str = "real", verify: bool = True, dtype: Any = None
+) -> LoadedModel:
     """A quantized folder (on the ``runtime`` asked for; content hashes checked unless ``verify`` is False), a
-    diffusers folder or a built-in name."""
+    diffusers folder or a built-in name, in compute ``dtype`` (None/``auto``: the folder's own)."""
     if is_quantized_folder(model):
-        return load_quantized(model, device, runtime, verify=verify)
-    return load_model_folder(model, device)
+        return load_quantized(model, device, runtime, verify=verify, dtype=dtype)
+    return load_model_folder(model, device, dtype)
 
 
 def quantize_folder(
@@ -42,15 +44,17 @@ def quantize_folder(
     overwrite: bool = False,
     analysis: SampleRequest | None = None,
     snr_margin: float = 1.0,
+    dtype: Any = None,
 ) -> LoadedModel:
     """Quantize ``model`` and save it to ``out``.
 
     Mixed-precision schemes get their per-step plan, and ``--method ptqd`` its noise statistics, both measured
-    on ``analysis`` (the sampling setting the user will use) against a fresh FP copy of the model.
+    on ``analysis`` (the sampling setting the user will use) against a fresh FP copy of the model. The model
+    is loaded, calibrated and saved in compute ``dtype`` (None/``auto``: the dtype its weights are stored in).
     """
     check_number(snr_margin, "--snr-margin", 0.0, 1e6, low_open=True)
     check_output_path(Path(out), overwrite, QUANTIZED_FOLDER, inputs=[model] if Path(model).exists() else [])
-    loaded = load_model_folder(model, device)
+    loaded = load_model_folder(model, device, dtype)
     quantize(loaded.denoiser, loaded.scheduler_config, config, guidance=guidance, labels=labels, cond=cond,
              batch_size=batch_size)
     extra: dict[str, str] = {}
@@ -63,7 +67,7 @@ def quantize_folder(
         from qdiffuse.noise.precision import PLAN_FILE, choose_precision
         from qdiffuse.noise.store import stats_json, stats_relpath
 
-        fp = load_model_folder(model, device)
+        fp = load_model_folder(model, device, dtype)
         variant_for = None
         if config.mixed_activation_bits:
             plan = choose_precision(fp.denoiser, loaded.denoiser, loaded.scheduler_config, analysis, snr_margin, cond)

@@ -26,6 +26,8 @@ view of a whole calibration batch is never materialised at once."""
 
 GPTQ_DAMPS = (0.01, 0.1, 1.0)
 """Dampening tried in turn when a Hessian is too close to singular to factorise."""
+HESSIAN_BUDGET = 4 * 2**30
+"""Bytes of float64 Hessians one calibration pass accumulates at most (see :func:`calibrate_weights_gptq`)."""
 
 
 def calibrate_weights(model: nn.Module) -> None:
@@ -114,13 +116,21 @@ def _round_gptq(part: Tensor, hessian: Tensor, quantizer: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate_weights_gptq(denoiser: Denoiser, calib: CalibrationSet, batch_size: int = 64) -> None:
+def calibrate_weights_gptq(
+    denoiser: Denoiser, calib: CalibrationSet, batch_size: int = 64, budget: int = HESSIAN_BUDGET
+) -> None:
     """Observer grids for every weight, then GPTQ rounding onto them against float-model input Hessians.
 
-    The Hessians come from one pass over ``calib`` with every quantizer off, so each layer sees the inputs of the
-    float model. Splits whose format GPTQ does not support (and grouped convs) are rounded to nearest; layers the
-    calibration never reaches get an all-zero Hessian, which GPTQ also rounds to nearest. Every weight ends up on
-    its quantizer's grid and hardened, so saving encodes exactly the chosen codes.
+    The Hessians come from passes over ``calib`` with every activation quantizer off. Splits whose format GPTQ
+    does not support (and grouped convs) are rounded to nearest; layers the calibration never reaches get an
+    all-zero Hessian, which GPTQ also rounds to nearest. Every weight ends up on its quantizer's grid and
+    hardened, so saving encodes exactly the chosen codes.
+
+    A Hessian is ``K × K`` float64 (K = C_in·k_h·k_w: 4.2 GB for one 2560-channel 3×3 conv of an SD-size UNet), so
+    the layers are taken in module order in groups whose Hessians fit ``budget`` bytes, one calibration pass per
+    group; each group is rounded before the next group's pass, so a later layer's Hessian sees the earlier
+    layers' rounded weights (GPTQ's own sequential order). A model whose Hessians fit together takes one pass and
+    every Hessian sees the float weights.
     """
     model = denoiser.model
     layers = list(quant_layers(model))
@@ -128,36 +138,56 @@ def calibrate_weights_gptq(denoiser: Denoiser, calib: CalibrationSet, batch_size
         for _, layer in layers:
             layer.calibrate_weight()
             bar.advance()
-    hessians: dict[str, list[HessianAccumulator | None]] = {}
+    groups = _hessian_groups(layers, budget)
+    with progress_bar("gptq", len(layers)) as bar:
+        for group in groups:
+            hessians = {n: accs for n, _, accs in group if accs is not None}
+            if hessians:
+                handles = [layer.register_forward_pre_hook(_hessian_hook(hessians[n])) for n, layer, _ in group
+                           if n in hessians]
+                set_quantization_enabled(model, False)
+                try:
+                    calib.run_through(denoiser, batch_size, "hessians")
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                    set_quantization_enabled(model, True)
+            for name, layer, _ in group:
+                accs = hessians.pop(name, None)
+                if accs is None:
+                    layer.harden()
+                    bar.advance()
+                    continue
+                parts = layer.weight_parts(layer.weight.detach())
+                rounded = [
+                    q(part) if acc is None else _round_gptq(part, acc.hessian, q)
+                    for q, part, acc in zip(layer.weight_quantizers, parts, accs, strict=True)
+                ]
+                del accs
+                layer.weight.copy_(rounded[0] if len(rounded) == 1 else torch.cat(rounded, dim=1))
+                layer.weight_hardened = True
+                bar.advance()
+
+
+def _hessian_groups(
+    layers: list[tuple[str, QuantLayer]], budget: int
+) -> list[list[tuple[str, QuantLayer, list[HessianAccumulator | None] | None]]]:
+    """Consecutive layers whose float64 Hessians together stay within ``budget`` bytes (a layer larger than the
+    budget alone is a group of its own); each with its accumulators (None: no split GPTQ supports)."""
+    groups: list[list] = [[]]
+    used = 0
     for name, layer in layers:
         accs = _accumulators(layer)
-        if any(a is not None for a in accs):
-            hessians[name] = accs
-    if hessians:
-        handles = [layer.register_forward_pre_hook(_hessian_hook(hessians[n])) for n, layer in layers if n in hessians]
-        set_quantization_enabled(model, False)
-        try:
-            calib.run_through(denoiser, batch_size, "hessians")
-        finally:
-            for handle in handles:
-                handle.remove()
-            set_quantization_enabled(model, True)
-    with progress_bar("gptq", len(layers)) as bar:
-        for name, layer in layers:
-            accs = hessians.pop(name, None)
-            if accs is None:
-                layer.harden()
-                bar.advance()
-                continue
-            parts = layer.weight_parts(layer.weight.detach())
-            rounded = [
-                q(part) if acc is None else _round_gptq(part, acc.hessian, q)
-                for q, part, acc in zip(layer.weight_quantizers, parts, accs, strict=True)
-            ]
-            del accs
-            layer.weight.copy_(rounded[0] if len(rounded) == 1 else torch.cat(rounded, dim=1))
-            layer.weight_hardened = True
-            bar.advance()
+        if not any(a is not None for a in accs):
+            groups[-1].append((name, layer, None))
+            continue
+        size = sum(8 * a.columns**2 for a in accs if a is not None)
+        if used and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, layer, accs))
+        used += size
+    return [g for g in groups if g]
 
 
 @torch.no_grad()

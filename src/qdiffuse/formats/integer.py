@@ -77,12 +77,14 @@ def dequantize_int(q: Tensor, scale: Tensor, zero_point: Tensor | float) -> Tens
 
 
 def quantize_int(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
-    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as floats of ``x``'s dtype.
+    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as floats, float32 at least.
 
     The one rounding rule of every integer path: the simulated quantizers and the integer kernels quantize an
-    activation with these same operations, so both see the same codes.
+    activation with these same operations, so both see the same codes. A bf16/fp16 input is divided in float32:
+    in bf16 ``x / scale`` itself is rounded to 8 significant bits, which moves codes near a rounding boundary by
+    one step, differently from one kernel to the next.
     """
-    return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
+    return torch.div(x.to(_work_dtype(x)), scale).round_().add_(zero_point).clamp_(qmin, qmax)
 
 
 def fake_quant_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
@@ -90,13 +92,14 @@ def fake_quant_int(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: i
 
     The rounding uses the STE, the clamp its own gradient, so ``d/dx`` is 1 inside the clip range and 0
     outside, and ``d/dscale`` is the LSQ step-size gradient (``round(x/s) - x/s`` inside, the clip level
-    outside) without any hand-written backward. The result has ``x``'s dtype.
+    outside) without any hand-written backward. The arithmetic runs in float32 at least; the result has ``x``'s
+    dtype.
     """
     if not needs_grad(x, scale, zero_point):
         # Same values in place: sampling calls this on every activation, and the STE's extra temporaries
         # cost more than the convolutions of a small model.
         return quantize_int(x, scale, zero_point, qmin, qmax).sub_(zero_point).mul_(scale).to(x.dtype)
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    q = torch.clamp(round_ste(x.to(_work_dtype(x)) / scale) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)
 
 

@@ -19,11 +19,13 @@ from qdiffuse.nn.quantizer import ActivationQuantizer, SwitchableActivationQuant
 
 @dataclass(frozen=True)
 class ActCodes:
-    """uint8 codes ``u`` of an activation with ``x ≈ (u - zero_point) * scale``."""
+    """uint8 codes ``u`` of an activation with ``x ≈ (u - zero_point) * scale``; ``out_dtype`` is the float dtype
+    the activation had, which the layer's output takes (a bf16 model gets bf16 back from an integer kernel)."""
 
     codes: Tensor
     scale: float
     zero_point: int
+    out_dtype: torch.dtype = torch.float32
 
 
 class WeightKernel:
@@ -133,7 +135,7 @@ def activation_codes(quantizer: ActivationQuantizer, x: Tensor) -> ActCodes:
     q = quantize_int(x, p.scale, p.zero_point, p.qmin, p.qmax)
     if p.offset:
         q.add_(p.offset)
-    return ActCodes(q.to(torch.uint8), p.scale, p.zero_point + p.offset)
+    return ActCodes(q.to(torch.uint8), p.scale, p.zero_point + p.offset, x.dtype)
 
 
 __all__ = [

@@ -66,21 +66,37 @@ def _shift_to_int8(codes: Tensor) -> Tensor:
 
 @torch.library.custom_op("qdiffuse::onednn_linear", mutates_args=())
 def onednn_linear(
-    codes: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, weight_scale: Tensor, bias: Tensor | None
+    codes: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, weight_scale: Tensor, bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    """oneDNN INT8 linear on a prepacked weight, float32 out. An op of its own so that inductor keeps it whole
-    (its own lowering of oneDNN's quantized linear expects the weight it prepacked itself)."""
+    """oneDNN INT8 linear on a prepacked weight, ``out_dtype`` out (float32, bf16 or fp16, written by oneDNN's
+    epilogue itself). An op of its own so that inductor keeps it whole (its own lowering of oneDNN's quantized
+    linear expects the weight it prepacked itself)."""
     return torch.ops.onednn.qlinear_pointwise(
         codes, x_scale, x_zero_point, packed, weight_scale, torch.zeros(weight_scale.shape[0], dtype=torch.long),
-        bias, 1.0, 0, torch.float32, "none", [], "",
+        _onednn_bias(bias), 1.0, 0, out_dtype, "none", [], "",
     )
 
 
 @onednn_linear.register_fake
 def _onednn_linear_shape(
-    codes: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, weight_scale: Tensor, bias: Tensor | None
+    codes: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, weight_scale: Tensor, bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=torch.float32)
+    return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=out_dtype)
+
+
+CONV_OUT_DTYPES = (torch.float32, torch.bfloat16)
+"""Output dtypes oneDNN's INT8 convolution writes itself (fp16 is refused: its output is float32, then cast)."""
+
+
+def _onednn_bias(bias: Tensor | None) -> Tensor | None:
+    """oneDNN's epilogue reads a float32 or bf16 bias; an fp16 one is widened."""
+    return bias if bias is None or bias.dtype in CONV_OUT_DTYPES else bias.float()
+
+
+def _conv_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    return out_dtype if out_dtype in CONV_OUT_DTYPES else torch.float32
 
 
 @torch.library.custom_op("qdiffuse::onednn_conv2d", mutates_args=())
@@ -96,13 +112,16 @@ def onednn_conv2d(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    """oneDNN INT8 conv on a prepacked weight, float32 out in channels-last layout (an op of its own, as above)."""
-    return torch.ops.onednn.qconv2d_pointwise(
+    """oneDNN INT8 conv on a prepacked weight, ``out_dtype`` out (float32 or bf16; fp16 through float32) in
+    channels-last layout (an op of its own, as above)."""
+    out = torch.ops.onednn.qconv2d_pointwise(
         codes.contiguous(memory_format=torch.channels_last), x_scale, x_zero_point, packed, weight_scale,
-        torch.zeros(weight_scale.shape[0], dtype=torch.long), bias, stride, padding, dilation, groups, 1.0, 0,
-        torch.float32, "none", [], "",
+        torch.zeros(weight_scale.shape[0], dtype=torch.long), _onednn_bias(bias), stride, padding, dilation, groups,
+        1.0, 0, _conv_dtype(out_dtype), "none", [], "",
     )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 @onednn_conv2d.register_fake
@@ -118,18 +137,19 @@ def _onednn_conv2d_shape(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    return _conv_out(codes, weight_scale.shape[0], kernel_size, stride, padding, dilation)
+    return _conv_out(codes, weight_scale.shape[0], kernel_size, stride, padding, dilation, out_dtype)
 
 
 def _conv_out(
     codes: Tensor, out_channels: int, kernel_size: list[int], stride: list[int], padding: list[int],
-    dilation: list[int],
+    dilation: list[int], out_dtype: torch.dtype,
 ) -> Tensor:
     n, _, h, w = codes.shape
     h_out = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    out = codes.new_empty((n, out_channels, h_out, w_out), dtype=torch.float32)
+    out = codes.new_empty((n, out_channels, h_out, w_out), dtype=out_dtype)
     return out.contiguous(memory_format=torch.channels_last)
 
 
@@ -158,7 +178,7 @@ class OnednnConv2d(IntegerKernel):
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
         return onednn_conv2d(
             x.codes, x.scale, x.zero_point, self.packed, self.weight_scale, bias, list(self.shape[2:]), self.stride,
-            self.padding, self.dilation, self.groups,
+            self.padding, self.dilation, self.groups, x.out_dtype,
         )
 
     def signed_codes(self) -> Tensor:
@@ -187,7 +207,9 @@ class OnednnLinear(IntegerKernel):
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
         lead = x.codes.shape[:-1]
         codes = x.codes.reshape(-1, self.shape[1]).contiguous()
-        return onednn_linear(codes, x.scale, x.zero_point, self.packed, self.weight_scale, bias).reshape(
+        return onednn_linear(
+            codes, x.scale, x.zero_point, self.packed, self.weight_scale, bias, x.out_dtype
+        ).reshape(
             *lead, self.shape[0]
         )
 
@@ -214,15 +236,17 @@ def conv_from_int8_codes(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """oneDNN INT8 conv from a plain int8 weight (prepacked inside). An op of its own because oneDNN's prepack
     has no fake-tensor kernel: this one has, so ``torch.compile`` traces through it."""
     packed = torch.ops.onednn.qconv_prepack(weight, weight_scale, 1.0, 0, stride, padding, dilation, groups, None)
-    return torch.ops.onednn.qconv2d_pointwise(
+    out = torch.ops.onednn.qconv2d_pointwise(
         codes.contiguous(memory_format=torch.channels_last), x_scale, x_zero_point, packed, weight_scale,
-        torch.zeros(weight.shape[0], dtype=torch.long), bias, stride, padding, dilation, groups, 1.0, 0,
-        torch.float32, "none", [], "",
+        torch.zeros(weight.shape[0], dtype=torch.long), _onednn_bias(bias), stride, padding, dilation, groups, 1.0, 0,
+        _conv_dtype(out_dtype), "none", [], "",
     )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 @conv_from_int8_codes.register_fake
@@ -237,8 +261,9 @@ def _conv_from_int8_codes_shape(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    return _conv_out(codes, weight.shape[0], list(weight.shape[2:]), stride, padding, dilation)
+    return _conv_out(codes, weight.shape[0], list(weight.shape[2:]), stride, padding, dilation, out_dtype)
 
 
 class Int4PrepackConv2d(IntegerKernel):
@@ -263,7 +288,7 @@ class Int4PrepackConv2d(IntegerKernel):
     def run_codes(self, x: ActCodes, bias: Tensor | None) -> Tensor:
         return conv_from_int8_codes(
             x.codes, x.scale, x.zero_point, self.signed_codes(), self.weight_scale, bias, self.stride, self.padding,
-            self.dilation, self.groups,
+            self.dilation, self.groups, x.out_dtype,
         )
 
     def signed_codes(self) -> Tensor:
@@ -285,7 +310,8 @@ class _Int4Matmul(IntegerKernel):
         self.weight_scale = weight_scale.float().reshape(-1).contiguous()
 
     def matmul(self, rows_u8: Tensor, x: ActCodes, bias: Tensor | None) -> Tensor:
-        """[M, K] uint8 codes @ W (+ bias) -> [M, N] float32: the integer sum, then one scale-and-shift pass.
+        """[M, K] uint8 codes @ W (+ bias) -> [M, N] in ``x.out_dtype``: the integer sum, then one
+        scale-and-shift pass in float32.
 
         The input's shift by 128 and its zero point enter as a per-column constant that is folded into the
         bias, so the epilogue reads the int32 sums once."""
@@ -293,8 +319,9 @@ class _Int4Matmul(IntegerKernel):
         scale = self.weight_scale * x.scale
         shift = -(x.zero_point - 128) * self.column_sums * scale
         if bias is not None:
-            shift = shift + bias
-        return torch.addcmul(shift, acc, scale)
+            shift = shift + bias.float()
+        out = torch.addcmul(shift, acc, scale)
+        return out if out.dtype == x.out_dtype else out.to(x.out_dtype)
 
     @property
     def nbytes(self) -> int:

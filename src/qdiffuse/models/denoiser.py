@@ -106,6 +106,11 @@ class Denoiser:
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: what the network's float parameters are (float32, bf16 or fp16)."""
+        return model_dtype(self.model)
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.sample_size, self.sample_size)
 
@@ -121,7 +126,18 @@ class Denoiser:
     def forward_raw(
         self, x: Tensor, t: Tensor, labels: Tensor | None = None, cond: Tensor | CallInputs | None = None
     ) -> Tensor:
-        """One network call on exactly these inputs (what calibration records and replays)."""
+        """One network call on exactly these inputs (what calibration records and replays).
+
+        The sample (and a text condition tensor) is cast to the network's dtype and the output comes back in
+        float32 whatever the network computes in, so samplers, losses and statistics never do their arithmetic in
+        bf16. A pipeline's recorded inputs are replayed as recorded (in the pipeline's own dtypes)."""
+        dtype = self.dtype
+        x = x.to(dtype)
+        if isinstance(cond, Tensor) and cond.is_floating_point():
+            cond = cond.to(dtype)
+        return self._call(x, t, labels, cond).float()
+
+    def _call(self, x: Tensor, t: Tensor, labels: Tensor | None, cond: Tensor | CallInputs | None) -> Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if isinstance(cond, CallInputs):
@@ -183,6 +199,15 @@ class Denoiser:
         return eps_u + guidance * (eps_c - eps_u)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a network computes in: that of its floating-point parameters (a quantized model's norms, biases
+    and embeddings keep it; its quantizer scales are buffers, always float32). float32 if it has none."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
 def _label_table_size(model: nn.Module, kind: str) -> int | None:
     """Entries of the class-embedding table (labels must index into it), or None without one."""
     if kind == "dit":
@@ -191,4 +216,4 @@ def _label_table_size(model: nn.Module, kind: str) -> int | None:
     return getattr(embedding, "num_embeddings", None)
 
 
-__all__ = ["Denoiser", "MODEL_KINDS"]
+__all__ = ["Denoiser", "MODEL_KINDS", "model_dtype"]

@@ -154,13 +154,18 @@ def build_model(config: dict[str, Any], where: str, meta: bool = False) -> nn.Mo
         raise ModelLoadError(f"{where}: cannot build {class_name} from its config ({exc})") from None
 
 
-def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load the FP model (float32) from a built-in name, a twin's name or a diffusers folder."""
+def load_model_folder(
+    model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None
+) -> LoadedModel:
+    """Load the FP model from a built-in name, a twin's name or a diffusers folder, in ``dtype`` (fp32, bf16,
+    fp16; None or ``auto``: the dtype its weights are stored in)."""
+    from qdiffuse.models.dtypes import check_dtype_supported, parse_dtype, stored_dtype
     from qdiffuse.models.twins import TWIN_META_KEY, TWINS, apply_twin
 
+    dtype = parse_dtype(dtype)
     if str(model) in TWINS and not Path(model).exists():
         spec = TWINS[str(model)]
-        base = load_model_folder(spec.base, device)
+        base = load_model_folder(spec.base, device, dtype)
         apply_twin(base.denoiser.model, spec)
         base.meta[TWIN_META_KEY] = spec.to_dict()
         return LoadedModel(base.denoiser, base.scheduler_config, spec.name, base.subfolder, base.meta)
@@ -176,7 +181,9 @@ def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
             f"{folder / sub} holds no .safetensors weights; qdiffuse never unpickles .bin files — "
             "re-save the model with save_pretrained(safe_serialization=True)"
         )
-    load_safetensors_into(module, weights, str(folder / sub))
+    dtype = dtype or stored_dtype(weights)
+    check_dtype_supported(dtype, device)
+    load_safetensors_into(module, weights, str(folder / sub), dtype)
     module.to(device).eval()
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
     from qdiffuse.sampling.schedulers import check_schedule
@@ -188,8 +195,11 @@ def load_model_folder(model: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(denoiser, scheduler_config, source, sub, meta)
 
 
-def load_safetensors_into(module: nn.Module, files: list[Path], where: str) -> None:
-    """Load weights strictly: every parameter present, no unknown keys, readable files."""
+def load_safetensors_into(
+    module: nn.Module, files: list[Path], where: str, dtype: torch.dtype = torch.float32
+) -> None:
+    """Load weights strictly (every parameter present, no unknown keys, readable files), the module's float
+    parameters and buffers in ``dtype``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -213,7 +223,9 @@ def load_safetensors_into(module: nn.Module, files: list[Path], where: str) -> N
                 f"{where}: weight {key} has shape {tuple(tensor.shape)}, config expects "
                 f"{tuple(expected[key].shape)}"
             )
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    if dtype != torch.float32:  # nn.Module's own cast: diffusers' override logs a notice about fp32 modules
+        nn.Module.to(module, dtype)
+    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True)
 
 
 __all__ = ["LoadedModel", "load_model_folder", "resolve_model_path", "build_model", "read_json"]

@@ -45,6 +45,8 @@ from qdiffuse.formats.spec import FormatSpec
 from qdiffuse.observers import make_observer
 
 E4M3 = torch.float8_e4m3fn
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+"""Compute dtypes whose quantizer arithmetic is done in float32 (scales, divisions, rounding)."""
 
 
 class WeightQuantizer(nn.Module):
@@ -106,8 +108,15 @@ class WeightQuantizer(nn.Module):
             raise RuntimeError("weight quantizer used before calibrate()")
 
     def forward(self, weight: Tensor) -> Tensor:
-        """Fake-quantize ``weight`` with the stored parameters (differentiable through the STE)."""
+        """Fake-quantize ``weight`` with the stored parameters (differentiable through the STE), computed in
+        float32 and returned in ``weight``'s dtype: the values a bf16 model multiplies are the float32 grid's,
+        rounded once to bf16, exactly what a real kernel's decoded weight is."""
         self._require()
+        if weight.dtype in HALF_DTYPES:
+            return self._fake_quant(weight.float()).to(weight.dtype)
+        return self._fake_quant(weight)
+
+    def _fake_quant(self, weight: Tensor) -> Tensor:
         spec = self.spec
         if spec.kind in ("nvfp4", "mxfp4"):
             blocks = _blocks(weight, spec.block_size)
@@ -271,6 +280,11 @@ class ActivationQuantizer(nn.Module):
         if self._observer is not None:
             self._observer.update(x.detach())
             return x
+        if x.dtype in HALF_DTYPES:  # the grid in float32 (see quantize_int), the result in the model's dtype
+            return self._fake_quant(x.float()).to(x.dtype)
+        return self._fake_quant(x)
+
+    def _fake_quant(self, x: Tensor) -> Tensor:
         spec = self.spec
         if spec.kind in ("nvfp4", "mxfp4"):
             moved = x.movedim(self.block_dim, -1)

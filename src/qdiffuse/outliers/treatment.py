@@ -49,9 +49,10 @@ class InputTreatment(nn.Module):
         return any(b is not None for b in (self.smooth, self.fp_index, self.rotation, self.lowrank_up))
 
     def main_input(self, x: Tensor) -> Tensor:
-        """The input the quantized product sees: divided by the smoothing vector, outlier channels zeroed."""
+        """The input the quantized product sees: divided by the smoothing vector, outlier channels zeroed; in
+        ``x``'s dtype (the float32 buffers are cast, so a bf16 model's input stays bf16)."""
         if self.smooth is not None:
-            x = x / broadcast_along(self.smooth, x, self.channel_dim)
+            x = x / broadcast_along(self.smooth.to(x.dtype), x, self.channel_dim)
         if self.fp_index is not None:
             x = x.index_fill(self.channel_dim, self.fp_index, 0.0)
         if self.rotation is not None:

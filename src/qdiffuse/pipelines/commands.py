@@ -89,14 +89,18 @@ def read_prompts(path: Path | None, prompt: str | None = None) -> list[str] | No
     return prompts
 
 
-def load_fp_pipeline(folder: str | Path, device: str) -> Any:
+def load_fp_pipeline(folder: str | Path, device: str, dtype: Any = None) -> Any:
     """diffusers' own ``from_pretrained`` on a pipeline folder (a built-in name too), with one-line errors for
-    what users get wrong; components the folder takes from packages are built from them."""
+    what users get wrong; components the folder takes from packages are built from them. Every component is
+    loaded in ``dtype`` (fp32/bf16/fp16; None or ``auto``: the dtype the denoiser's weights are stored in), so a
+    folder saved in fp16 runs as one fp16 pipeline rather than fp16 text encoders feeding a float32 denoiser."""
     import diffusers
+    import torch
 
+    from qdiffuse.models.dtypes import check_dtype_supported, parse_dtype, stored_dtype
     from qdiffuse.models.loading import read_json
     from qdiffuse.pipelines.external import load_pipeline_folder
-    from qdiffuse.pipelines.support import SUPPORTED, unsupported_message
+    from qdiffuse.pipelines.support import DENOISER_COMPONENTS, SUPPORTED, unsupported_message
 
     folder = resolve_pipeline(folder)
     index = read_json(folder / "model_index.json", "model_index.json")
@@ -105,7 +109,12 @@ def load_fp_pipeline(folder: str | Path, device: str) -> Any:
         raise ModelLoadError(f"{folder / 'model_index.json'} names {name!r}, which this diffusers does not have")
     if name not in SUPPORTED:
         raise ConfigError(unsupported_message(name))
-    return load_pipeline_folder(folder).to(device)
+    dtype = parse_dtype(dtype)
+    if dtype is None:
+        component = next((c for c in sorted(DENOISER_COMPONENTS) if (folder / c).is_dir()), None)
+        dtype = stored_dtype(sorted((folder / component).glob("*.safetensors"))) if component else torch.float32
+    check_dtype_supported(dtype, device)
+    return load_pipeline_folder(folder, dtype).to(device)
 
 
 def size_factor(pipe: Any) -> int:
@@ -213,8 +222,10 @@ def quantize_pipeline_folder(
     sampler: str | None,
     overwrite: bool,
     device: str,
+    dtype: Any = None,
 ) -> None:
-    """``qdiffuse quantize PIPELINE_FOLDER``: calibrate by running the pipeline, save the pipeline folder."""
+    """``qdiffuse quantize PIPELINE_FOLDER``: calibrate by running the pipeline (in ``dtype``; None/``auto``: the
+    dtype the denoiser's weights are stored in), save the pipeline folder."""
     quiet_libraries()
     import typer
 
@@ -223,7 +234,7 @@ def quantize_pipeline_folder(
     from qdiffuse.pipelines.store import save_pipeline
 
     prompts = read_prompts(prompts_file) or folder_prompts(folder, CALIBRATION_PROMPTS)
-    pipe = load_fp_pipeline(folder, device)
+    pipe = load_fp_pipeline(folder, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     original = pipe.scheduler
     _use_sampler(pipe, sampler)
@@ -259,6 +270,7 @@ def sample_pipeline_folder(
     verify: bool,
     height: int | None = None,
     width: int | None = None,
+    dtype: Any = None,
 ) -> None:
     """``qdiffuse sample PIPELINE_FOLDER --prompts FILE``: the real pipeline (text encoding, guidance, VAE
     decoding), written as the ADM-style npz (``labels`` holds each image's prompt index)."""
@@ -279,7 +291,10 @@ def sample_pipeline_folder(
     if grid is not None:
         check_output_path(grid, overwrite, PNG, inputs)
     quantized = is_quantized_pipeline(folder)
-    pipe = load_pipeline(folder, device, runtime, verify) if quantized else load_fp_pipeline(folder, device)
+    pipe = (
+        load_pipeline(folder, device, runtime, verify, dtype=dtype) if quantized
+        else load_fp_pipeline(folder, device, dtype)
+    )
     _use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     images, which = generate(

@@ -75,8 +75,9 @@ def external_components(folder: str | Path) -> dict[str, Any]:
     return {name: build_component(name, spec) for name, spec in external_specs(folder).items()}
 
 
-def load_pipeline_folder(folder: str | Path, **components: Any) -> Any:
-    """diffusers' ``from_pretrained`` on ``folder`` with its package components (and ``components``) passed in."""
+def load_pipeline_folder(folder: str | Path, dtype: Any = None, **components: Any) -> Any:
+    """diffusers' ``from_pretrained`` on ``folder`` with its package components (and ``components``) passed in,
+    every component it loads in ``dtype`` (a torch dtype; None: as diffusers and transformers default)."""
     import diffusers
 
     from qdiffuse.models.loading import read_json
@@ -87,7 +88,10 @@ def load_pipeline_folder(folder: str | Path, **components: Any) -> Any:
     if cls is None:
         name = index.get("_class_name")
         raise ModelLoadError(f"{folder / 'model_index.json'} names {name!r}, not a diffusers pipeline")
-    given = {**external_components(folder), **components}
+    built = external_components(folder)
+    if dtype is not None:
+        built = {k: v.to(dtype) if hasattr(v, "parameters") else v for k, v in built.items()}
+    given = {**built, **components}
     missing = [
         c for c, spec in index.items()
         if not c.startswith("_") and isinstance(spec, list) and spec[0] is not None and c not in given
@@ -96,7 +100,9 @@ def load_pipeline_folder(folder: str | Path, **components: Any) -> Any:
     if missing:
         raise ModelLoadError(f"{folder} lacks the component folder(s) {', '.join(missing)} model_index.json names")
     try:
-        pipe = cls.from_pretrained(folder, use_safetensors=True, **given)
+        pipe = cls.from_pretrained(
+            folder, use_safetensors=True, **({} if dtype is None else {"torch_dtype": dtype}), **given
+        )
     except (OSError, ValueError, ImportError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the pipeline in {folder} ({' '.join(str(exc).split())[:200]})") from None
     specs = external_specs(folder)

@@ -161,11 +161,17 @@ def record_ptqd(path: str | Path, relpath: str) -> None:
 
 
 def load_pipeline(
-    path: str | Path, device: str = "cpu", runtime: str = "real", verify: bool = True, ptqd: bool = True
+    path: str | Path,
+    device: str = "cpu",
+    runtime: str = "real",
+    verify: bool = True,
+    ptqd: bool = True,
+    dtype: Any = None,
 ) -> Any:
     """A quantized pipeline folder back as the diffusers pipeline it was, its denoiser (and quantized text
     encoders) on ``runtime`` and, when the folder holds PTQD statistics (and ``ptqd``), its scheduler wrapped in
-    ``PTQDScheduler``."""
+    ``PTQDScheduler``. Every component computes in ``dtype`` (fp32/bf16/fp16; None or ``auto``: the dtype the
+    denoiser's folder records), so the VAE and text encoders agree with the denoiser."""
     from qdiffuse.io import load_quantized
     from qdiffuse.noise.stats import NoiseStats
     from qdiffuse.pipelines.ptqd import PTQDScheduler
@@ -174,9 +180,10 @@ def load_pipeline(
     path = Path(path)
     marker = read_marker(path)
     component = marker["denoiser"]
-    model = load_quantized(path / component, device, runtime, verify=verify).denoiser.model
+    denoiser = load_quantized(path / component, device, runtime, verify=verify, dtype=dtype).denoiser
+    model = denoiser.model
     encoders = load_text_encoders(path, marker, device, runtime, verify)
-    pipe = load_pipeline_folder(path, **{component: model}, **encoders)
+    pipe = load_pipeline_folder(path, denoiser.dtype, **{component: model}, **encoders)
     stats_file = marker.get("ptqd")
     if ptqd and stats_file:
         full = (path / component / stats_file).resolve()

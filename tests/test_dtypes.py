@@ -149,6 +149,15 @@ def test_a_folder_loads_in_another_dtype_when_asked(tmp_path: Path) -> None:
     assert quantizer_scales and all(b.dtype == torch.float32 for b in quantizer_scales)
 
 
+def test_auto_is_the_stored_dtype_but_fp16_on_a_cpu_computes_in_float32() -> None:
+    from qdiffuse.models.dtypes import auto_dtype
+
+    assert auto_dtype(torch.bfloat16, "cpu") is torch.bfloat16 and auto_dtype(torch.float16, "cuda") is torch.float16
+    assert auto_dtype(torch.float16, "cpu") is torch.float32
+    # the built-ins are stored in fp16 for size and run in float32 here unless asked otherwise
+    assert load_model_folder("fmnist-tiny").denoiser.dtype is torch.float32
+
+
 def test_stored_dtype_reads_the_safetensors_header(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -209,13 +218,20 @@ def test_an_fp16_saved_pipeline_folder_quantizes_on_the_command_line(tmp_path: P
     assert done.returncode == 0, done.stderr[-2000:]
     import json
 
-    assert json.loads((tmp_path / "q" / "unet" / "quantization.json").read_text())["dtype"] == "fp16"
+    # auto: fp16 weights on a CPU compute in float32 (no native fp16 GEMMs); --dtype picks another
+    assert json.loads((tmp_path / "q" / "unet" / "quantization.json").read_text())["dtype"] == "fp32"
+    done = run("quantize", tmp_path / "fp16", "--dtype", "bf16", "--prompts", tmp_path / "p.txt",
+               "--calib-inference-steps", 2, "--calib-steps", 2, "--out", tmp_path / "qb", "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "qb" / "unet" / "quantization.json").read_text())["dtype"] == "bf16"
+    info = run("info", tmp_path / "qb")
+    assert info.returncode == 0 and "dtype:      bf16" in info.stdout, info.stderr[-2000:]
     bad = run("quantize", tmp_path / "fp16", "--dtype", "fp64", "--prompts", tmp_path / "p.txt",
               "--out", tmp_path / "q2")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "--dtype 'fp64'" in bad.stderr
     assert not (tmp_path / "q2").exists()
-    sampled = run("sample", tmp_path / "q", "--prompt", "a bag", "--num", 1, "--steps", 2, "--out",
+    sampled = run("sample", tmp_path / "qb", "--prompt", "a bag", "--num", 1, "--steps", 2, "--out",
                   tmp_path / "s.npz", "-q")
     assert sampled.returncode == 0, sampled.stderr[-2000:]
 

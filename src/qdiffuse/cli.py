@@ -31,8 +31,8 @@ Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 Dtype = Annotated[
     str,
     typer.Option(
-        help="Compute dtype: auto (a folder's own: the dtype its weights are stored in, or the one a quantized "
-        "folder records), fp32, bf16 or fp16."
+        help="Compute dtype: auto (a folder's own: the dtype its weights are stored in, fp16 on a CPU as fp32, or "
+        "the one a quantized folder records), fp32, bf16 or fp16 (bf16 is the CPU's half precision)."
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -634,6 +634,7 @@ def info(
     typer.echo(f"folder:     {desc['path']}")
     typer.echo(f"source:     {desc['source']}")
     typer.echo(f"scheme:     {desc['scheme']}   method: {desc['method']}")
+    typer.echo(f"dtype:      {desc['dtype']} (what the model computes in; quantizer scales are float32)")
     typer.echo(f"formats:    {'; '.join(desc['formats'])}")
     ratio = desc["fp32_bytes"] / max(desc["bytes_on_disk"], 1)
     typer.echo(

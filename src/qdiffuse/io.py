@@ -416,6 +416,7 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
             "path": str(folder),
             "scheme": manifest["config"]["scheme"],
             "method": manifest["config"]["method"],
+            "dtype": manifest.get("dtype", "fp32"),
             "formats": _format_lines(manifest["config"]),
             "source": manifest.get("source"),
             "bytes_on_disk": folder_size(folder),

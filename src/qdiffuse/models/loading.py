@@ -158,8 +158,8 @@ def load_model_folder(
     model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None
 ) -> LoadedModel:
     """Load the FP model from a built-in name, a twin's name or a diffusers folder, in ``dtype`` (fp32, bf16,
-    fp16; None or ``auto``: the dtype its weights are stored in)."""
-    from qdiffuse.models.dtypes import check_dtype_supported, parse_dtype, stored_dtype
+    fp16; None or ``auto``: the dtype its weights are stored in, fp16 on a CPU as float32)."""
+    from qdiffuse.models.dtypes import auto_dtype, check_dtype_supported, parse_dtype, stored_dtype
     from qdiffuse.models.twins import TWIN_META_KEY, TWINS, apply_twin
 
     dtype = parse_dtype(dtype)
@@ -181,7 +181,7 @@ def load_model_folder(
             f"{folder / sub} holds no .safetensors weights; qdiffuse never unpickles .bin files — "
             "re-save the model with save_pretrained(safe_serialization=True)"
         )
-    dtype = dtype or stored_dtype(weights)
+    dtype = dtype or auto_dtype(stored_dtype(weights), device)
     check_dtype_supported(dtype, device)
     load_safetensors_into(module, weights, str(folder / sub), dtype)
     module.to(device).eval()

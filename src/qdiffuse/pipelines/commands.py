@@ -92,12 +92,13 @@ def read_prompts(path: Path | None, prompt: str | None = None) -> list[str] | No
 def load_fp_pipeline(folder: str | Path, device: str, dtype: Any = None) -> Any:
     """diffusers' own ``from_pretrained`` on a pipeline folder (a built-in name too), with one-line errors for
     what users get wrong; components the folder takes from packages are built from them. Every component is
-    loaded in ``dtype`` (fp32/bf16/fp16; None or ``auto``: the dtype the denoiser's weights are stored in), so a
-    folder saved in fp16 runs as one fp16 pipeline rather than fp16 text encoders feeding a float32 denoiser."""
+    loaded in ``dtype`` (fp32/bf16/fp16; None or ``auto``: the dtype the denoiser's weights are stored in, fp16 on
+    a CPU as float32), so a folder saved in fp16 runs as one pipeline rather than fp16 text encoders (transformers
+    keeps their stored dtype) feeding a float32 denoiser."""
     import diffusers
     import torch
 
-    from qdiffuse.models.dtypes import check_dtype_supported, parse_dtype, stored_dtype
+    from qdiffuse.models.dtypes import auto_dtype, check_dtype_supported, parse_dtype, stored_dtype
     from qdiffuse.models.loading import read_json
     from qdiffuse.pipelines.external import load_pipeline_folder
     from qdiffuse.pipelines.support import DENOISER_COMPONENTS, SUPPORTED, unsupported_message
@@ -112,7 +113,8 @@ def load_fp_pipeline(folder: str | Path, device: str, dtype: Any = None) -> Any:
     dtype = parse_dtype(dtype)
     if dtype is None:
         component = next((c for c in sorted(DENOISER_COMPONENTS) if (folder / c).is_dir()), None)
-        dtype = stored_dtype(sorted((folder / component).glob("*.safetensors"))) if component else torch.float32
+        stored = stored_dtype(sorted((folder / component).glob("*.safetensors"))) if component else torch.float32
+        dtype = auto_dtype(stored, device)
     check_dtype_supported(dtype, device)
     return load_pipeline_folder(folder, dtype).to(device)
 

@@ -223,8 +223,11 @@ def load_safetensors_into(
                 f"{where}: weight {key} has shape {tuple(tensor.shape)}, config expects "
                 f"{tuple(expected[key].shape)}"
             )
-    if dtype != torch.float32:  # nn.Module's own cast: diffusers' override logs a notice about fp32 modules
-        nn.Module.to(module, dtype)
+    if dtype != torch.float32:  # parameters only: buffers stay as built, as diffusers' own torch_dtype leaves them
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is not None and param.is_floating_point():
+                    sub._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
     module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True)
 
 
